@@ -1,0 +1,21 @@
+# Fresh-machine entry points: `make demo` (install + train the built-in default) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test
+
+$(STAMP): setup.py constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,cpu]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) launch/train.py
+
+test: $(STAMP)
+	$(PY) -m pytest

@@ -1,0 +1,250 @@
+"""Typed configuration: dataclasses documented once, loaded from one YAML file plus CLI overrides.
+
+`configs/default.yaml` is generated from these definitions (`python -m dr_train.config > configs/default.yaml`)
+and a test keeps the two identical, so each option's documentation lives here, next to its definition.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+def opt(default: Any, help: str):
+    """A config option with its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """The Mochi-1 backbone."""
+    preset: str = opt("tiny", "'tiny' (a 2-block Mochi built from a config, no download) or the path of a local "
+                              "diffusers Mochi-1 folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    dtype: str = opt("auto", "dtype of the frozen base weights: fp32, bf16, or auto (bf16 for a pretrained folder, "
+                             "fp32 for the tiny preset)")
+    gradient_checkpointing: bool = opt(False, "recompute each transformer block in the backward pass")
+    attention_backend: str = opt("sdpa", "attention processor: sdpa (batched, masked text tokens) or reference "
+                                         "(diffusers' per-sample loop)")
+    max_text_tokens: int = opt(0, "T5 sequence length; 0 = the preset's own (256 for Mochi-1, 16 for tiny)")
+
+
+@dataclass
+class LoRAConfig:
+    """The relation LoRA triplet."""
+    rank: int = opt(16, "LoRA rank of every adapter")
+    alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / rank)")
+    placement: Any = opt("paper", "where each adapter goes: a preset name (paper, relation_v, relation_q, "
+                                  "relation_kv, no_relation, no_subject, no_ffn, direct) or a mapping "
+                                  "{adapter: [projection, ...]} over to_q, to_k, to_v, add_q_proj, add_k_proj, "
+                                  "add_v_proj, to_out.0, to_add_out, ff.net.0.proj, ff.net.2, ff_context.net.0.proj, "
+                                  "ff_context.net.2")
+    export_adapters: list = opt(["relation", "ffn"], "adapters written by export for inference (the paper drops "
+                                                     "the subject LoRAs)")
+
+
+@dataclass
+class HMTConfig:
+    """Hybrid mask training: which adapters a step updates and which mask weights its loss."""
+    enabled: bool = opt(True, "draw one of relation/subject1/subject2 per optimizer step; false updates every "
+                              "adapter each step with the relation mask")
+    probabilities: list = opt([1 / 3, 1 / 3, 1 / 3], "draw probabilities of [relation, subject1, subject2]")
+
+
+@dataclass
+class LossConfig:
+    """Masked flow-matching loss and relational contrastive loss (RCL)."""
+    mode: str = opt("paper", "paper: mean((w*M + 1) * err^2), relation mask = max of subject masks; official: "
+                             "mean((1 + w*M^2) * err^2), relation mask = sum of subject masks")
+    mask_weight: float = opt(50.0, "lambda_m, the weight of the mask term")
+    rcl_weight: float = opt(0.01, "lambda_1, the weight of the relational contrastive loss (0 disables it)")
+    temperature: float = opt(0.07, "InfoNCE temperature tau")
+    n_pos: int = opt(4, "positives per anchor frame (dynamics of other videos from the memory bank)")
+    n_neg: int = opt(10, "negatives per anchor frame (single-frame features of this and past videos)")
+    bank_size: int = opt(64, "FIFO memory bank capacity, in videos")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay."""
+    lr: float = opt(2e-4, "peak learning rate")
+    weight_decay: float = opt(0.01, "decoupled weight decay (applied only to the adapters updated this step)")
+    betas: list = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    warmup_steps: int = opt(10, "linear warmup steps")
+    schedule: str = opt("cosine", "cosine or constant after warmup")
+    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of lr (cosine)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+    source: str = opt("synthetic", "synthetic: built-in generated relation latents (no download)")
+    catalog: str = opt("", "relation catalog YAML; empty means the repository's datasets/relations.yaml")
+    videos_per_relation: int = opt(6, "synthetic: clips generated per relation")
+    latent_frames: int = opt(3, "synthetic: latent frames per clip (pixel frames = 6*(F-1)+1)")
+    latent_height: int = opt(8, "synthetic: latent height (pixels / 8)")
+    latent_width: int = opt(8, "synthetic: latent width (pixels / 8)")
+    caption_dropout: float = opt(0.1, "probability of training a sample with an empty prompt")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+    relations: list = opt(["handshaking", "high_five"], "relations to train, by catalog name ('all' = every "
+                                                        "catalog relation)")
+    output_dir: str = opt("runs/default", "one folder per relation is written under it")
+    max_steps: int = opt(60, "optimizer steps per relation (the paper: 2400)")
+    batch_size: int = opt(1, "clips per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    checkpoint_every: int = opt(20, "write a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = opt(2, "checkpoints kept per relation (older ones are deleted)")
+    seed: int = opt(0, "seed of every random stream (adapters, HMT draws, noise, data order, bank sampling)")
+    deterministic: bool = opt(False, "deterministic kernels, so runs and resumed runs are bit-identical")
+    mixed_precision: str = opt("auto", "bf16 autocast: auto (on CUDA with bf16), bf16, or no")
+    log_every: int = opt(1, "TensorBoard scalars every N steps (metrics.jsonl gets every step)")
+    resume: bool = opt(False, "continue each relation from its latest checkpoint")
+    export: bool = opt(True, "export the inference LoRA (export_adapters) when a relation finishes")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    hmt: HMTConfig = field(default_factory=HMTConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise a ValueError naming the option."""
+    if typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"config option {where}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"config option {where}: expected a number, got {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config option {where}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and float(value) != out:
+            raise ValueError(f"config option {where}: expected an integer, got {value!r}")
+        return out
+    if typ is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(f"config option {where}: expected a string, got {value!r}")
+        return str(value)
+    if typ is list or get_origin(typ) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config option {where}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _apply(section: Any, values: dict, prefix: str) -> None:
+    hints = get_type_hints(type(section))
+    names = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"unknown config option {where!r}; known: {', '.join(sorted(names))}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config section {where!r} must be a mapping, got {value!r}")
+            _apply(current, value, where + ".")
+        else:
+            setattr(section, key, _coerce(value, hints[key], where))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `key.sub=value` overrides (values parsed as YAML)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+        _apply(cfg, data, "")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.option=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        nested: dict = yaml.safe_load(raw) if raw.strip() else ""
+        for part in reversed(parts):
+            nested = {part: nested}
+        _apply(cfg, nested, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type cannot express."""
+    if cfg.loss.mode not in ("paper", "official"):
+        raise ValueError(f"loss.mode must be 'paper' or 'official', got {cfg.loss.mode!r}")
+    if cfg.model.attention_backend not in ("sdpa", "reference"):
+        raise ValueError(f"model.attention_backend must be sdpa or reference, got {cfg.model.attention_backend!r}")
+    if cfg.model.dtype not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"model.dtype must be auto, fp32 or bf16, got {cfg.model.dtype!r}")
+    if cfg.train.mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"train.mixed_precision must be auto, bf16 or no, got {cfg.train.mixed_precision!r}")
+    if cfg.optim.schedule not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}")
+    p = cfg.hmt.probabilities
+    if len(p) != 3 or any(float(x) < 0 for x in p) or sum(float(x) for x in p) <= 0:
+        raise ValueError(f"hmt.probabilities must be 3 non-negative numbers with a positive sum, got {p!r}")
+    for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
+        if getattr(cfg.train, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
+    if cfg.loss.n_pos < 1 or cfg.loss.n_neg < 1 or cfg.loss.bank_size < 1:
+        raise ValueError("loss.n_pos, loss.n_neg and loss.bank_size must be >= 1")
+    if not 0.0 <= cfg.data.caption_dropout <= 1.0:
+        raise ValueError(f"data.caption_dropout must be in [0, 1], got {cfg.data.caption_dropout}")
+    if cfg.data.source != "synthetic":
+        raise ValueError(f"data.source {cfg.data.source!r} is not known; available: synthetic")
+
+
+def dump_commented_yaml(cfg: Config | None = None) -> str:
+    """The config as YAML with each option's documentation as a comment above it."""
+    cfg = cfg or Config()
+    lines = ["# DreamRelation training configuration. Generated from dr_train/config.py (the documentation lives",
+             "# there); override any option on the command line with --set section.option=value.", ""]
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        lines.append(f"# {type(section).__doc__.strip()}")
+        lines.append(f"{sec.name}:")
+        for f in dataclasses.fields(section):
+            lines.append(f"  # {f.metadata['help']}")
+            value = yaml.safe_dump({f.name: getattr(section, f.name)}, default_flow_style=True, width=1000).strip()
+            lines.append("  " + value[1:-1])
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(dump_commented_yaml())

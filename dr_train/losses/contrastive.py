@@ -1,0 +1,42 @@
+"""Relational dynamics features and the relational contrastive loss (multi-positive InfoNCE)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def relation_features(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred (B, C, F, H, W) -> (frame_means (B, F, C), dynamics (B, F-1, C)), fp32.
+
+    dynamics are the spatial means of the frame-to-frame differences; since the mean of differences equals the
+    difference of means, they come from the (B, F, C) means and no (B, C, F-1, H, W) tensor is formed.
+    """
+    if pred.dim() != 5:
+        raise ValueError(f"relation_features expects (B, C, F, H, W), got shape {tuple(pred.shape)}")
+    frame_means_BFC = pred.float().mean(dim=(3, 4)).transpose(1, 2)
+    dynamics_BFC = frame_means_BFC[:, 1:] - frame_means_BFC[:, :-1]
+    return frame_means_BFC, dynamics_BFC
+
+
+def relational_contrastive_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                                temperature: float = 0.07) -> torch.Tensor:
+    """anchors (B, T, C), positives (B, T, P, C), negatives (B, T, N, C) -> scalar.
+
+    Every feature is L2-normalised; per anchor frame
+    -log( sum_p exp(a.p/tau) / (sum_p exp(a.p/tau) + sum_n exp(a.n/tau)) ), averaged over frames and batch.
+    """
+    if anchors.dim() != 3 or positives.dim() != 4 or negatives.dim() != 4:
+        raise ValueError(f"expected anchors (B,T,C), positives (B,T,P,C), negatives (B,T,N,C); got "
+                         f"{tuple(anchors.shape)}, {tuple(positives.shape)}, {tuple(negatives.shape)}")
+    if positives.shape[:2] != anchors.shape[:2] or negatives.shape[:2] != anchors.shape[:2] \
+            or positives.shape[-1] != anchors.shape[-1] or negatives.shape[-1] != anchors.shape[-1]:
+        raise ValueError(f"shapes disagree: anchors {tuple(anchors.shape)}, positives {tuple(positives.shape)}, "
+                         f"negatives {tuple(negatives.shape)}")
+    a = F.normalize(anchors.float(), dim=-1)
+    p = F.normalize(positives.float(), dim=-1)
+    n = F.normalize(negatives.float(), dim=-1)
+    pos_logits = torch.einsum("btc,btpc->btp", a, p) / temperature
+    neg_logits = torch.einsum("btc,btnc->btn", a, n) / temperature
+    all_logits = torch.cat([pos_logits, neg_logits], dim=-1)
+    loss_BT = torch.logsumexp(all_logits, dim=-1) - torch.logsumexp(pos_logits, dim=-1)
+    return loss_BT.mean()

@@ -1,0 +1,64 @@
+"""Pictures people look at: loss curves from metrics.jsonl and keyframe grids of videos."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        raise ValueError(f"{metrics_path} holds no steps to plot")
+    fig, (ax_rec, ax_rcl) = plt.subplots(1, 2, figsize=(10, 3.5))
+    colours = {"relation": "tab:red", "subject1": "tab:blue", "subject2": "tab:green", "all": "tab:gray"}
+    for sel, colour in colours.items():
+        pts = [(r["step"], r["loss_rec"]) for r in rows if r["selection"] == sel]
+        if pts:
+            ax_rec.scatter(*zip(*pts), s=6, color=colour, label=f"{sel} step")
+    steps = np.array([r["step"] for r in rows])
+    rec = np.array([r["loss_rec"] for r in rows])
+    window = max(1, len(rows) // 20)
+    if len(rows) >= window:
+        smooth = np.convolve(rec, np.ones(window) / window, mode="valid")
+        ax_rec.plot(steps[window - 1:], smooth, color="black", lw=1.2, label=f"mean of {window}")
+    ax_rec.set(xlabel="step", ylabel="masked flow-matching loss", yscale="log")
+    ax_rec.legend(fontsize=7)
+    rcl = [(r["step"], r["loss_rcl"]) for r in rows if r.get("loss_rcl") is not None]
+    if rcl:
+        ax_rcl.plot(*zip(*rcl), color="tab:purple", lw=1)
+    ax_rcl.set(xlabel="step", ylabel="relational contrastive loss")
+    fig.suptitle(title)
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def keyframe_grid(frames_FHWC: np.ndarray, png_path: Path, count: int = 5) -> Path:
+    """`count` evenly spaced frames (first and last included), side by side, as one PNG."""
+    from PIL import Image
+
+    frames = np.asarray(frames_FHWC)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames (F, H, W, 3), got {frames.shape}")
+    idx = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
+    picked = frames[idx]
+    if picked.dtype != np.uint8:
+        picked = (np.clip(picked, 0, 1) * 255).round().astype(np.uint8)
+    grid = np.concatenate(list(picked), axis=1)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(png_path)
+    return png_path

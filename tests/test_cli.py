@@ -1,0 +1,32 @@
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_train_two_relations_from_the_command_line(tmp_path):
+    out = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--relations", "handshaking,hugging",
+           "--output-dir", str(out), "--max-steps", "6", "--checkpoint-every", "3", "--seed", "1",
+           "--set", "data.videos_per_relation=5"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step/s" in proc.stderr and "6/6" in proc.stderr              # progress bar with rate
+    for rel in ("handshaking", "hugging"):
+        rows = [json.loads(l) for l in (out / rel / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, 7))
+        assert sorted(p.name for p in (out / rel / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+        assert (out / rel / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert [r["relation"] for r in json.loads(proc.stdout)] == ["handshaking", "hugging"]
+
+
+def test_user_errors_are_reported_without_a_traceback(tmp_path):
+    for args, msg in ([["--relations", "moonwalking"], "unknown relation(s) moonwalking"],
+                      [["--set", "loss.mode=weird"], "loss.mode must be"],
+                      [["--config", str(tmp_path / "missing.yaml")], "does not exist"]):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--output-dir",
+                               str(tmp_path / "o"), *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

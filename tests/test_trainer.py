@@ -1,0 +1,166 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import small_config
+from dr_train.catalog import load_catalog
+from dr_train.losses import masked_flow_matching_loss, noisy_latents
+from dr_train.model import load_mochi
+from dr_train.trainer import NonFiniteLossError, RelationRun, train
+
+
+def _metrics(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_loss_goes_down_on_a_tiny_overfit_case(tmp_path):
+    """One clip, fixed evaluation draws of (noise, sigma): the trained triplet predicts the velocity better."""
+    cfg = small_config(tmp_path, **{"data.videos_per_relation": 1, "data.caption_dropout": 0.0, "optim.lr": 1e-2,
+                                    "loss.rcl_weight": 0.0, "hmt.enabled": False, "optim.max_grad_norm": 0,
+                                    "optim.warmup_steps": 0, "optim.schedule": "constant"})
+    run = RelationRun(cfg, load_mochi("tiny"), load_catalog()["hugging"], tmp_path, torch.device("cpu"))
+    g = torch.Generator().manual_seed(123)
+    z0 = run.stream.clips[0].latents_mean[None].repeat(64, 1, 1, 1, 1)
+    eps, sigma = torch.randn(z0.shape, generator=g), torch.rand(64, generator=g)
+
+    def eval_loss():
+        with torch.no_grad():
+            z, target, t = noisy_latents(z0, eps, sigma)
+            pred = run.transformer(hidden_states=z, encoder_hidden_states=run.prompt_embeds[[0] * 64], timestep=t,
+                                   encoder_attention_mask=run.prompt_mask[[0] * 64], return_dict=False)[0]
+            return masked_flow_matching_loss(pred, target, torch.zeros(64, *z0.shape[2:]), 0.0).item()
+
+    before = eval_loss()
+    losses = [run.train_step()["loss_rec"] for _ in range(300)]
+    after = eval_loss()
+    run.close()
+    assert after < 0.95 * before, (before, after)
+    assert sum(losses[-50:]) < sum(losses[:50])
+
+
+def test_metrics_record_every_step(tmp_path):
+    cfg = small_config(tmp_path, **{"train.relations": "handshaking"})
+    train(cfg)
+    out = tmp_path / "runs" / "handshaking"
+    rows = _metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for r in rows:
+        assert r["selection"] in ("relation", "subject1", "subject2")
+        assert set(r) >= {"loss", "loss_rec", "loss_rcl", "lr", "seconds", "adapters_updated"}
+    # the bank needs n_pos=4 other videos before the contrastive term runs; skipped steps say why
+    assert rows[0]["loss_rcl"] is None and "positives" in rows[0]["rcl_skipped"]
+    assert rows[-1]["loss_rcl"] is not None and rows[-1]["rcl_skipped"] is None
+    assert rows[2]["lr"] < rows[-2]["lr"] or rows[0]["lr"] < rows[2]["lr"]        # warmup, then cosine
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "DONE.json").is_file() and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_resume_is_bit_exact(tmp_path):
+    over = {"train.relations": "high_five", "train.deterministic": True, "data.caption_dropout": 0.3}
+    straight = small_config(tmp_path / "a", **over)
+    train(straight)
+
+    resumed = small_config(tmp_path / "b", **over)
+    original = RelationRun.train_step
+    calls = {"n": 0}
+
+    def crash_after_four(self):
+        if self.step == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    RelationRun.train_step = crash_after_four
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(resumed)
+    finally:
+        RelationRun.train_step = original
+    partial = _metrics(tmp_path / "b" / "runs" / "high_five" / "metrics.jsonl")
+    assert [r["step"] for r in partial] == [1, 2, 3, 4, 5]                      # step 5 ran after checkpoint 4
+    resumed.train.resume = True
+    train(resumed)
+
+    a = _metrics(tmp_path / "a" / "runs" / "high_five" / "metrics.jsonl")
+    b = _metrics(tmp_path / "b" / "runs" / "high_five" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 9))                          # no step lost or counted twice
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss_rec", "loss_rcl", "selection", "lr", "videos"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    wa = load_file(str(tmp_path / "a/runs/high_five/checkpoints/step-00000008/adapters.safetensors"))
+    wb = load_file(str(tmp_path / "b/runs/high_five/checkpoints/step-00000008/adapters.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _train_and_get_checkpoint(tmp_path):
+    cfg = small_config(tmp_path, **{"train.relations": "kicking", "train.max_steps": 4})
+    train(cfg)
+    return cfg, tmp_path / "runs" / "kicking" / "checkpoints" / "step-00000004"
+
+
+def _resume_from(cfg, ckpt):
+    run = RelationRun(cfg, load_mochi("tiny"), load_catalog()["kicking"], ckpt.parent.parent, torch.device("cpu"))
+    try:
+        run.resume(ckpt)
+    finally:
+        run.close()
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
+    cfg, ckpt = _train_and_get_checkpoint(tmp_path)
+    f = ckpt / "optimizer.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="optimizer.safetensors is truncated"):
+        _resume_from(cfg, ckpt)
+
+
+def test_flipped_byte_and_missing_manifest_are_refused(tmp_path):
+    cfg, ckpt = _train_and_get_checkpoint(tmp_path)
+    f = ckpt / "adapters.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="adapters.safetensors is corrupt"):
+        _resume_from(cfg, ckpt)
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        _resume_from(cfg, ckpt)
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    cfg, ckpt = _train_and_get_checkpoint(tmp_path)
+    cfg.lora.placement = "relation_v"
+    with pytest.raises(ValueError, match="state.json was written for"):
+        _resume_from(cfg, ckpt)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    cfg = small_config(tmp_path, **{"train.relations": "pushing"})
+    original = RelationRun.micro_step
+
+    def poisoned(self, batch, selection, scale):
+        if self.step == 5:
+            batch = dict(batch, latents_mean=batch["latents_mean"] * float("nan"))
+        return original(self, batch, selection, scale)
+
+    RelationRun.micro_step = poisoned
+    try:
+        with pytest.raises(NonFiniteLossError, match=r"pushing, step 6: loss is nan.*pushing/\d+.*step-00000004"):
+            train(cfg)
+    finally:
+        RelationRun.micro_step = original
+    out = tmp_path / "runs" / "pushing"
+    assert (out / "checkpoints" / "step-00000004" / "manifest.json").is_file()
+    assert not (out / "DONE.json").exists()
+
+
+def test_existing_run_needs_resume_and_finished_relations_are_skipped(tmp_path):
+    cfg = small_config(tmp_path, **{"train.relations": "hugging", "train.max_steps": 2})
+    train(cfg)
+    again = train(cfg)
+    assert again[0]["status"].startswith("skipped")
+    (tmp_path / "runs" / "hugging" / "DONE.json").unlink()
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(cfg)
