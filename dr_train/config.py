@@ -9,7 +9,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 import yaml
 
@@ -100,10 +100,10 @@ class TrainConfig:
     relations: list = opt(["handshaking", "high_five"], "relations to train, by catalog name ('all' = every "
                                                         "catalog relation)")
     output_dir: str = opt("runs/default", "one folder per relation is written under it")
-    max_steps: int = opt(60, "optimizer steps per relation (the paper: 2400)")
+    max_steps: int = opt(200, "optimizer steps per relation (the paper: 2400)")
     batch_size: int = opt(1, "clips per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    checkpoint_every: int = opt(20, "write a checkpoint every N steps (and at the end)")
+    checkpoint_every: int = opt(50, "write a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = opt(2, "checkpoints kept per relation (older ones are deleted)")
     seed: int = opt(0, "seed of every random stream (adapters, HMT draws, noise, data order, bank sampling)")
     deterministic: bool = opt(False, "deterministic kernels, so runs and resumed runs are bit-identical")

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dr_train.losses import masked_flow_matching_loss, noisy_latents, relation_features, relational_contrastive_loss
 

@@ -65,7 +65,6 @@ def test_resume_is_bit_exact(tmp_path):
 
     resumed = small_config(tmp_path / "b", **over)
     original = RelationRun.train_step
-    calls = {"n": 0}
 
     def crash_after_four(self):
         if self.step == 5:
@@ -164,3 +163,15 @@ def test_existing_run_needs_resume_and_finished_relations_are_skipped(tmp_path):
     (tmp_path / "runs" / "hugging" / "DONE.json").unlink()
     with pytest.raises(ValueError, match="pass --resume"):
         train(cfg)
+
+
+def test_accumulation_batches_and_bf16_autocast(tmp_path):
+    cfg = small_config(tmp_path, **{"train.grad_accum": 2, "train.batch_size": 2, "train.mixed_precision": "bf16",
+                                    "train.max_steps": 3, "train.relations": "following"})
+    run = RelationRun(cfg, load_mochi("tiny"), load_catalog()["following"], tmp_path / "r", torch.device("cpu"))
+    try:
+        records = [run.train_step() for _ in range(3)]
+    finally:
+        run.close()
+    assert all(len(r["videos"]) == 4 and torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert len({v for r in records for v in r["videos"]}) == 6          # one epoch of 6 clips, then a new one
