@@ -208,6 +208,9 @@ def _prepare_output(run: RelationRun, resume: bool) -> None:
         run.resume(existing[-1])
         log.info("%s: resumed from %s (step %d)", run.relation.name, existing[-1], run.step)
         return
+    if resume and run.metrics_path.exists():
+        log.info("%s: no checkpoint to resume from; restarting from step 0", run.relation.name)
+        run.metrics_path.unlink()
     if existing or run.metrics_path.exists():
         raise ValueError(f"{run.out_dir} already holds a run of {run.relation.name}; pass --resume to continue "
                          f"it or choose another --output-dir")

@@ -175,3 +175,12 @@ def test_accumulation_batches_and_bf16_autocast(tmp_path):
         run.close()
     assert all(len(r["videos"]) == 4 and torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert len({v for r in records for v in r["videos"]}) == 6          # one epoch of 6 clips, then a new one
+
+
+def test_resume_without_any_checkpoint_restarts_cleanly(tmp_path):
+    cfg = small_config(tmp_path, **{"train.relations": "hugging", "train.max_steps": 3, "train.resume": True})
+    out = tmp_path / "runs" / "hugging"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')          # a crash before the first checkpoint
+    train(cfg)
+    assert [r["step"] for r in _metrics(out / "metrics.jsonl")] == [1, 2, 3]
