@@ -84,14 +84,49 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Training data."""
-    source: str = opt("synthetic", "synthetic: built-in generated relation latents (no download)")
+    """Training data: a dataset folder written by launch/prepare.py, or the built-in synthetic relations."""
+    source: str = opt("synthetic", "synthetic (the built-in relations, rendered, encoded and sharded on first use "
+                                   "into cache_dir) or the path of a dataset folder written by launch/prepare.py")
     catalog: str = opt("", "relation catalog YAML; empty means the repository's datasets/relations.yaml")
+    cache_dir: str = opt(".cache/dr_train", "where synthetic datasets are generated (one folder per setting)")
     videos_per_relation: int = opt(6, "synthetic: clips generated per relation")
     latent_frames: int = opt(3, "synthetic: latent frames per clip (pixel frames = 6*(F-1)+1)")
     latent_height: int = opt(8, "synthetic: latent height (pixels / 8)")
     latent_width: int = opt(8, "synthetic: latent width (pixels / 8)")
     caption_dropout: float = opt(0.1, "probability of training a sample with an empty prompt")
+    num_workers: int = opt(0, "DataLoader worker processes reading shards (0 reads in the training process)")
+    resampled: bool = opt(False, "draw each epoch's shards with replacement instead of a permutation")
+
+
+@dataclass
+class PrepareConfig:
+    """Data preparation (launch/prepare.py): videos -> subject masks -> latents + T5 embeddings -> shards.
+    The VAE and T5 come from model.preset, so a dataset matches the model it trains."""
+    frames: int = opt(61, "frames per clip (1 + 6k for Mochi's VAE)")
+    height: int = opt(480, "clip height in pixels (multiple of 16)")
+    width: int = opt(848, "clip width in pixels (multiple of 16)")
+    fps: float = opt(30.0, "resample clips to this frame rate (0 keeps each video's own)")
+    trim: str = opt("center", "which window of a longer video to keep: center or start")
+    video_backend: str = opt("auto", "video decoder: auto (DALI on a CUDA GPU when installed, else PyAV), pyav, "
+                                     "dali")
+    layout: str = opt("auto", "input layout: folders (<input>/<relation>/<clip>.mp4), ntu (NTU RGB+D names "
+                              "SsssCcccPpppRrrrAaaa_rgb.avi, relation from the action id), or auto")
+    masks: str = opt("auto", "subject masks: png (colour-coded per-frame PNG folder <clip>_masks/ beside each "
+                             "video), grounding_sam (Grounding DINO + SAM), or auto (png where the folder exists, "
+                             "else grounding_sam)")
+    mask_colours: list = opt([[255, 0, 0], [0, 255, 0]], "RGB colours of subject 1 and subject 2 in PNG masks")
+    grounding_dino: str = opt("", "local folder of a transformers Grounding DINO model (masks=grounding_sam)")
+    sam: str = opt("", "local folder of a transformers SAM model (masks=grounding_sam)")
+    detection_prompt: str = opt("a person.", "Grounding DINO text query for the two subjects")
+    box_threshold: float = opt(0.3, "Grounding DINO box score threshold")
+    text_threshold: float = opt(0.25, "Grounding DINO text score threshold")
+    samples_per_shard: int = opt(8, "clips per WebDataset shard (shards hold one relation each)")
+    workers: int = opt(2, "processes decoding videos and masks in parallel (0 = in the main process)")
+    strict: bool = opt(False, "stop at the first bad video instead of skipping it (skips are always counted "
+                              "and logged)")
+    vae_tiling: bool = opt(False, "encode with the VAE's spatial tiling (less memory for full-size clips)")
+    preview_frames: int = opt(5, "downscaled frames kept per sample for contact sheets")
+    preview_size: int = opt(128, "longer side of those preview frames, in pixels")
 
 
 @dataclass
@@ -121,6 +156,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -225,8 +261,24 @@ def validate(cfg: Config) -> None:
         raise ValueError("loss.n_pos, loss.n_neg and loss.bank_size must be >= 1")
     if not 0.0 <= cfg.data.caption_dropout <= 1.0:
         raise ValueError(f"data.caption_dropout must be in [0, 1], got {cfg.data.caption_dropout}")
-    if cfg.data.source != "synthetic":
-        raise ValueError(f"data.source {cfg.data.source!r} is not known; available: synthetic")
+    if cfg.data.num_workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    pr = cfg.prepare
+    if (pr.frames - 1) % 6 or pr.frames < 1:
+        raise ValueError(f"prepare.frames must be 1 + 6k (Mochi's VAE), got {pr.frames}")
+    if pr.height % 16 or pr.width % 16 or pr.height < 16 or pr.width < 16:
+        raise ValueError(f"prepare.height and prepare.width must be positive multiples of 16, got "
+                         f"{pr.height}x{pr.width}")
+    choices = {"trim": ("center", "start"), "video_backend": ("auto", "pyav", "dali"),
+               "layout": ("auto", "folders", "ntu"), "masks": ("auto", "png", "grounding_sam")}
+    for name, allowed in choices.items():
+        if getattr(pr, name) not in allowed:
+            raise ValueError(f"prepare.{name} must be one of {', '.join(allowed)}, got {getattr(pr, name)!r}")
+    if pr.samples_per_shard < 1 or pr.workers < 0 or pr.preview_frames < 1 or pr.preview_size < 8:
+        raise ValueError("prepare.samples_per_shard and prepare.preview_frames must be >= 1, prepare.workers >= 0, "
+                         "prepare.preview_size >= 8")
+    if len(pr.mask_colours) != 2 or any(len(c) != 3 for c in pr.mask_colours):
+        raise ValueError(f"prepare.mask_colours must be two RGB triples, got {pr.mask_colours!r}")
 
 
 def dump_commented_yaml(cfg: Config | None = None) -> str:
@@ -236,7 +288,7 @@ def dump_commented_yaml(cfg: Config | None = None) -> str:
              "# there); override any option on the command line with --set section.option=value.", ""]
     for sec in dataclasses.fields(cfg):
         section = getattr(cfg, sec.name)
-        lines.append(f"# {type(section).__doc__.strip()}")
+        lines.extend(f"# {line.strip()}" for line in type(section).__doc__.strip().splitlines())
         lines.append(f"{sec.name}:")
         for f in dataclasses.fields(section):
             lines.append(f"  # {f.metadata['help']}")

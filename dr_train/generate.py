@@ -6,34 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from dr_train.data.video import write_mp4
 from dr_train.model import load_mochi
 from dr_train.plots import keyframe_grid
-
-
-def write_mp4(frames_FHWC: np.ndarray, path: Path, fps: int = 30) -> Path:
-    """uint8 or [0, 1] float frames -> H.264 mp4 through PyAV (libx264 ships in its wheel)."""
-    import av
-
-    frames = np.asarray(frames_FHWC)
-    if frames.dtype != np.uint8:
-        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-    height, width = frames.shape[1:3]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = width + width % 2, height + height % 2
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            if width % 2 or height % 2:
-                frame = np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def generate(prompt: str, out_dir: Path, lora: str | None = None, preset: str = "tiny", steps: int = 64,

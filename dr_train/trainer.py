@@ -14,14 +14,15 @@ from tqdm.auto import tqdm
 from dr_train import checkpoint as ckpt
 from dr_train.catalog import Relation, load_catalog, select_relations
 from dr_train.config import Config
-from dr_train.data import ClipStream, synthetic_relation_clips
+from dr_train.data.loader import ShardStream
+from dr_train.data.sources import check_dataset_matches_model, resolve_dataset
 from dr_train.hmt import HybridMaskTraining
 from dr_train.lora import (adapter_names, adapter_parameters, adapter_state_dict, add_relation_lora_triplet,
                            export_inference_lora, load_adapter_state_dict, lora_named_parameters,
                            resolve_placement)
 from dr_train.losses import masked_flow_matching_loss, noisy_latents, relation_features, relational_contrastive_loss
 from dr_train.memory_bank import MemoryBank
-from dr_train.model import MochiComponents, encode_prompts, load_mochi
+from dr_train.model import MochiComponents, load_mochi
 from dr_train.plots import plot_loss_curve
 from dr_train.runtime import autocast_context, pick_device, set_determinism
 
@@ -50,7 +51,7 @@ class RelationRun:
     """Everything that belongs to one relation's training: adapters, optimizer, HMT, bank, data, RNG streams."""
 
     def __init__(self, cfg: Config, comps: MochiComponents, relation: Relation, out_dir: Path,
-                 device: torch.device):
+                 device: torch.device, dataset: Path):
         self.cfg, self.comps, self.relation, self.out_dir, self.device = cfg, comps, relation, out_dir, device
         self.transformer = comps.transformer
         seed = cfg.train.seed
@@ -73,23 +74,24 @@ class RelationRun:
         self.bank = MemoryBank(cfg.loss.bank_size, cfg.loss.n_pos, cfg.loss.n_neg,
                                seed=stream_seed(seed, relation.name, "bank"))
         self.noise_gen = torch.Generator().manual_seed(stream_seed(seed, relation.name, "noise"))
-        d = cfg.data
-        clips = synthetic_relation_clips(relation.name, d.videos_per_relation, d.latent_frames, d.latent_height,
-                                         d.latent_width, seed=seed)
-        self.stream = ClipStream(clips, cfg.train.batch_size, seed=stream_seed(seed, relation.name, "data"))
-        embeds, mask = encode_prompts(comps.text_encoder, comps.tokenizer, [relation.prompt, ""],
-                                      comps.max_text_tokens)
-        self.prompt_embeds, self.prompt_mask = embeds.to(device), mask.to(device)
+        self.stream = ShardStream(dataset, [relation.name], cfg.train.batch_size,
+                                  seed=stream_seed(seed, relation.name, "data"), num_workers=cfg.data.num_workers,
+                                  resampled=cfg.data.resampled)
+        null_embed, null_mask = self.stream.null_text
+        self.null_embed, self.null_mask = torch.from_numpy(null_embed), torch.from_numpy(null_mask)
         self.step = 0
         self.checkpoint_dir = out_dir / "checkpoints"
         self.metrics_path = out_dir / "metrics.jsonl"
         self.last_checkpoint: Path | None = None
 
     # ---- one step -------------------------------------------------------------------------------------------
-    def _text(self, batch_size: int):
-        drop = torch.rand(batch_size, generator=self.noise_gen) < self.cfg.data.caption_dropout
-        which = drop.long().to(self.device)            # 0 = relation prompt, 1 = empty prompt
-        return self.prompt_embeds[which], self.prompt_mask[which]
+    def _text(self, batch: dict):
+        """The batch's prompt embeddings, each replaced by the empty prompt with probability caption_dropout."""
+        embeds, mask = batch["text_embed"], batch["text_mask"]
+        drop = torch.rand(embeds.shape[0], generator=self.noise_gen) < self.cfg.data.caption_dropout
+        embeds = torch.where(drop[:, None, None], self.null_embed[None], embeds)
+        mask = torch.where(drop[:, None], self.null_mask[None], mask)
+        return embeds.to(self.device), mask.to(self.device)
 
     def micro_step(self, batch: dict, selection: str, scale: float) -> dict:
         cfg, dev = self.cfg, self.device
@@ -98,7 +100,7 @@ class RelationRun:
         z0 = (mean + std * torch.randn(mean.shape, generator=self.noise_gen)).to(dev)
         noise = torch.randn(mean.shape, generator=self.noise_gen).to(dev)
         sigma = torch.rand(mean.shape[0], generator=self.noise_gen).to(dev)
-        text, text_mask = self._text(mean.shape[0])
+        text, text_mask = self._text(batch)
         z_sigma, target, timestep = noisy_latents(z0, noise, sigma)
         dtype = self.transformer.dtype
         with autocast_context(dev, cfg.train.mixed_precision):
@@ -199,6 +201,7 @@ class RelationRun:
             self.metrics_path.write_text("".join(l + "\n" for l in kept))
 
     def close(self) -> None:
+        self.stream.close()
         self.transformer.delete_adapters(self.adapters)
 
 
@@ -217,9 +220,10 @@ def _prepare_output(run: RelationRun, resume: bool) -> None:
     run.out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, device: torch.device) -> dict:
+def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, device: torch.device,
+                   dataset: Path) -> dict:
     out_dir = Path(cfg.train.output_dir) / relation.name
-    run = RelationRun(cfg, comps, relation, out_dir, device)
+    run = RelationRun(cfg, comps, relation, out_dir, device, dataset)
     try:
         _prepare_output(run, cfg.train.resume)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -273,8 +277,12 @@ def train(cfg: Config) -> list[dict]:
     relations = select_relations(cfg.train.relations, catalog)
     set_determinism(cfg.train.seed, cfg.train.deterministic)
     device = pick_device()
+    pending = [r for r in relations if not (Path(cfg.train.output_dir) / r.name / "DONE.json").is_file()]
+    dataset = resolve_dataset(cfg, pending) if pending else None
     comps = load_mochi(cfg.model.preset, cfg.model.dtype, cfg.model.attention_backend,
-                       cfg.model.gradient_checkpointing, cfg.model.max_text_tokens)
+                       cfg.model.gradient_checkpointing, cfg.model.max_text_tokens, parts=("transformer",))
+    if dataset is not None:
+        check_dataset_matches_model(dataset, comps.transformer)
     results = []
     for relation in relations:
         done = Path(cfg.train.output_dir) / relation.name / "DONE.json"
@@ -282,5 +290,5 @@ def train(cfg: Config) -> list[dict]:
             log.info("%s: already finished (%s), skipping", relation.name, done)
             results.append(json.loads(done.read_text()) | {"status": "skipped (finished before)"})
             continue
-        results.append(train_relation(cfg, comps, relation, device))
+        results.append(train_relation(cfg, comps, relation, device, dataset))
     return results

@@ -1,4 +1,5 @@
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# one synthetic-dataset cache for the whole test session: each setting is generated once, on first use
+SYNTHETIC_CACHE = Path(tempfile.mkdtemp(prefix="dr_train_synthetic_"))
 
 warnings.filterwarnings("ignore", message=".*CPU Autocast only supports.*")
 warnings.filterwarnings("ignore", message=".*In CPU autocast, but the target dtype is not supported.*")
@@ -22,7 +25,7 @@ def small_config(tmp_path, **overrides):
     from dr_train.config import load_config
 
     items = {"train.output_dir": str(tmp_path / "runs"), "train.max_steps": 8, "train.checkpoint_every": 4,
-             "data.videos_per_relation": 6, "optim.warmup_steps": 2}
+             "data.videos_per_relation": 6, "optim.warmup_steps": 2, "data.cache_dir": str(SYNTHETIC_CACHE)}
     items.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
@@ -30,3 +33,15 @@ def small_config(tmp_path, **overrides):
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+def make_run(cfg, relation_name: str, out_dir):
+    """A RelationRun of one catalog relation on the tiny preset, reading the (cached) synthetic dataset."""
+    from dr_train.catalog import load_catalog
+    from dr_train.data.sources import resolve_dataset
+    from dr_train.model import load_mochi
+    from dr_train.trainer import RelationRun
+
+    relation = load_catalog()[relation_name]
+    dataset = resolve_dataset(cfg, [relation])
+    return RelationRun(cfg, load_mochi("tiny"), relation, out_dir, torch.device("cpu"), dataset)

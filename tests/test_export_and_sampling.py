@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from conftest import small_config
+from conftest import make_run, small_config
 from dr_train.catalog import load_catalog
 from dr_train.generate import generate
 from dr_train.losses import noisy_latents
@@ -15,7 +15,7 @@ from dr_train.trainer import RelationRun
 
 def test_export_loads_into_mochi_pipeline_and_matches_relation_plus_ffn(tmp_path):
     cfg = small_config(tmp_path, **{"optim.lr": 5e-2})
-    run = RelationRun(cfg, load_mochi("tiny"), load_catalog()["handshaking"], tmp_path / "r", torch.device("cpu"))
+    run = make_run(cfg, "handshaking", tmp_path / "r")
     for sel in ("relation", "subject1", "relation", "subject2"):
         run.hmt.draw = lambda s=sel: s
         run.train_step()

@@ -1,6 +1,6 @@
 import torch
 
-from conftest import small_config
+from conftest import make_run, small_config
 from dr_train.catalog import load_catalog
 from dr_train.hmt import HybridMaskTraining
 from dr_train.model import load_mochi
@@ -25,7 +25,7 @@ def _same(a, b):
 def _run(tmp_path, **kw):
     cfg = small_config(tmp_path, **kw)
     relation = load_catalog()["handshaking"]
-    return RelationRun(cfg, load_mochi("tiny"), relation, tmp_path / "r", torch.device("cpu"))
+    return make_run(cfg, relation.name, tmp_path / "r")
 
 
 def _force(run, selection):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import small_config
+from conftest import make_run, small_config
 from dr_train.catalog import load_catalog
 from dr_train.losses import masked_flow_matching_loss, noisy_latents
 from dr_train.model import load_mochi
@@ -20,16 +20,18 @@ def test_loss_goes_down_on_a_tiny_overfit_case(tmp_path):
     cfg = small_config(tmp_path, **{"data.videos_per_relation": 1, "data.caption_dropout": 0.0, "optim.lr": 1e-2,
                                     "loss.rcl_weight": 0.0, "hmt.enabled": False, "optim.max_grad_norm": 0,
                                     "optim.warmup_steps": 0, "optim.schedule": "constant"})
-    run = RelationRun(cfg, load_mochi("tiny"), load_catalog()["hugging"], tmp_path, torch.device("cpu"))
+    run = make_run(cfg, "hugging", tmp_path)
     g = torch.Generator().manual_seed(123)
-    z0 = run.stream.clips[0].latents_mean[None].repeat(64, 1, 1, 1, 1)
+    clip = run.stream.next_batch()           # the relation's only clip
+    z0 = clip["latents_mean"].repeat(64, 1, 1, 1, 1)
+    text, text_mask = clip["text_embed"].repeat(64, 1, 1), clip["text_mask"].repeat(64, 1)
     eps, sigma = torch.randn(z0.shape, generator=g), torch.rand(64, generator=g)
 
     def eval_loss():
         with torch.no_grad():
             z, target, t = noisy_latents(z0, eps, sigma)
-            pred = run.transformer(hidden_states=z, encoder_hidden_states=run.prompt_embeds[[0] * 64], timestep=t,
-                                   encoder_attention_mask=run.prompt_mask[[0] * 64], return_dict=False)[0]
+            pred = run.transformer(hidden_states=z, encoder_hidden_states=text, timestep=t,
+                                   encoder_attention_mask=text_mask, return_dict=False)[0]
             return masked_flow_matching_loss(pred, target, torch.zeros(64, *z0.shape[2:]), 0.0).item()
 
     before = eval_loss()
@@ -100,7 +102,7 @@ def _train_and_get_checkpoint(tmp_path):
 
 
 def _resume_from(cfg, ckpt):
-    run = RelationRun(cfg, load_mochi("tiny"), load_catalog()["kicking"], ckpt.parent.parent, torch.device("cpu"))
+    run = make_run(cfg, "kicking", ckpt.parent.parent)
     try:
         run.resume(ckpt)
     finally:
@@ -146,7 +148,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
 
     RelationRun.micro_step = poisoned
     try:
-        with pytest.raises(NonFiniteLossError, match=r"pushing, step 6: loss is nan.*pushing/\d+.*step-00000004"):
+        with pytest.raises(NonFiniteLossError, match=r"pushing, step 6: loss is nan.*pushing__pushing_\d+.*step-00000004"):
             train(cfg)
     finally:
         RelationRun.micro_step = original
@@ -168,7 +170,7 @@ def test_existing_run_needs_resume_and_finished_relations_are_skipped(tmp_path):
 def test_accumulation_batches_and_bf16_autocast(tmp_path):
     cfg = small_config(tmp_path, **{"train.grad_accum": 2, "train.batch_size": 2, "train.mixed_precision": "bf16",
                                     "train.max_steps": 3, "train.relations": "following"})
-    run = RelationRun(cfg, load_mochi("tiny"), load_catalog()["following"], tmp_path / "r", torch.device("cpu"))
+    run = make_run(cfg, "following", tmp_path / "r")
     try:
         records = [run.train_step() for _ in range(3)]
     finally:

@@ -1,5 +1,2 @@
-"""Training data: built-in synthetic relation clips and the stream the trainer consumes."""
-from dr_train.data.stream import ClipStream
-from dr_train.data.synthetic import LatentClip, render_clip, synthetic_relation_clips
-
-__all__ = ["ClipStream", "LatentClip", "render_clip", "synthetic_relation_clips"]
+"""Training data: video I/O, subject masks, encoding, WebDataset shards, the streaming loader and the built-in
+synthetic relations. Import the submodules directly (`dr_train.data.loader`, ...)."""

@@ -1,104 +1,237 @@
-"""Built-in synthetic relation clips at latent resolution (the main job's default data; no download).
+"""Built-in synthetic relations: short videos of two distinct subjects performing each of the 26 relations.
 
-Each clip has two subjects with distinct shapes (a disc and a square) and per-clip random appearance codes,
-moving in the relation's two-body motion pattern. Pixel-resolution subject masks are rendered and pooled to
-latent resolution with the same function real masks go through; the latent is background + appearance code
-times mask, stored as a mean and log-variance like cached VAE encodings.
+The main job's default data, so training runs anywhere without downloads. Subject 1 is an ellipse with striped
+texture, subject 2 a rectangle with a checker texture, each with a per-clip colour; both have an "arm" (a bar
+reaching toward the other subject) whose length and height the pattern drives. Each relation is a distinct
+two-body motion pattern given as keyframes of a few parameters over normalised time (approach, contact,
+separation, one pushes the other, one follows, hands meet, one falls...). Per clip the pattern is jittered
+(position, size, timing, left/right mirroring) and the appearance is random.
+
+A clip carries exact per-frame subject masks (visible pixels; subject 1 in front) and per-frame boxes of each
+subject's full shape, so later stages can judge generated videos programmatically against the ground truth.
+`write_synthetic_videos` writes clips in the layout `launch/prepare.py` ingests from users: an mp4 per clip,
+a colour-coded PNG mask folder beside it, and a JSON file with the ground truth.
 """
 from __future__ import annotations
 
+import colorsys
 import hashlib
-import math
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
+import numpy as np
 
-from dr_train.masks import latent_masks
+# Parameters a pattern drives, with their defaults:
+#   x1, x2   body centre x (fraction of width)         y1, y2   body centre y (fraction of height)
+#   arm1/2   arm extension, 0 (none) to 1 (full reach)  ah1/2    arm height, in body half-heights from the centre
+#                                                                (-1 top of the body, +1 its bottom)
+#   h1, h2   body height scale (crouching, ducking)    lie2     subject 2 upright (0) to lying on the ground (1)
+DEFAULTS = {"x1": 0.3, "x2": 0.7, "y1": 0.55, "y2": 0.55, "arm1": 0.0, "arm2": 0.0, "ah1": 0.0, "ah2": 0.0,
+            "h1": 1.0, "h2": 1.0, "lie2": 0.0}
 
-LATENT_CHANNELS = 12
-MOTIONS = ("approach", "separate", "follow", "meet_and_part", "push", "orbit", "rise_and_meet", "side_by_side")
-RELATION_MOTION = {
-    "walking_towards": "approach", "hugging": "approach", "walking_apart": "separate", "following": "follow",
-    "handshaking": "meet_and_part", "exchanging_things": "meet_and_part", "giving_something": "meet_and_part",
-    "pushing": "push", "kicking": "push", "punching_slapping": "push", "knocking_over": "push",
-    "hitting_with_object": "push", "high_five": "rise_and_meet", "cheers_and_drink": "rise_and_meet",
-    "carrying_together": "side_by_side", "supporting_somebody": "side_by_side", "patting_on_back": "orbit",
+
+def _wave(lo: float, hi: float, t0: float, t1: float, cycles: int, end: float | None = None) -> list:
+    """Keyframes alternating lo/hi `cycles` times between t0 and t1 (then `end`, default lo)."""
+    n = 2 * cycles
+    pts = [(t0 + (t1 - t0) * i / n, lo if i % 2 == 0 else hi) for i in range(n + 1)]
+    return [(0.0, lo)] + pts + [(1.0, lo if end is None else end)]
+
+
+PATTERNS: dict[str, dict[str, list | float]] = {
+    "punching_slapping": {"x1": 0.38, "x2": [(0, .62), (.2, .62), (.3, .66), (.5, .66), (.6, .70), (1, .70)],
+                          "arm1": [(0, 0), (.2, 1), (.3, 0), (.5, 1), (.6, 0), (1, 0)], "ah1": -0.6},
+    "kicking": {"x1": 0.36, "x2": [(0, .62), (.45, .62), (.6, .74), (1, .74)],
+                "arm1": [(0, 0), (.3, 0), (.5, 1), (.65, 0), (1, 0)], "ah1": 0.9},
+    "pushing": {"x1": [(0, .2), (.4, .4), (1, .62)], "x2": [(0, .6), (.4, .6), (1, .86)],
+                "arm1": [(0, 0), (.35, .8), (1, .8)], "ah1": -0.1},
+    "patting_on_back": {"x1": 0.45, "x2": 0.6, "arm1": 0.5, "ah1": _wave(-0.9, -0.4, 0.05, 0.95, 4)},
+    "pointing_finger": {"x1": 0.18, "x2": 0.82, "arm1": [(0, 0), (.3, 1), (1, 1)], "ah1": -0.5},
+    "hugging": {"x1": [(0, .25), (.6, .45), (1, .46)], "x2": [(0, .75), (.6, .55), (1, .54)],
+                "arm1": [(0, 0), (.5, 0), (.7, .5), (1, .5)], "arm2": [(0, 0), (.5, 0), (.7, .5), (1, .5)],
+                "ah1": -0.3, "ah2": -0.3},
+    "giving_something": {"x1": 0.33, "x2": 0.67, "arm1": [(0, 0), (.3, 1), (.6, 1), (.8, 0), (1, 0)],
+                         "arm2": [(0, 0), (.4, 0), (.6, .8), (.9, .8), (1, .3)]},
+    "touching_pocket": {"x1": [(0, .3), (.4, .42), (1, .42)], "x2": 0.62,
+                        "arm1": [(0, 0), (.4, 0), (.7, .7), (1, .7)], "ah1": 0.4},
+    "handshaking": {"x1": [(0, .2), (.4, .36), (1, .36)], "x2": [(0, .8), (.4, .64), (1, .64)],
+                    "arm1": [(0, 0), (.4, 0), (.55, 1), (.9, 1), (1, .3)],
+                    "arm2": [(0, 0), (.4, 0), (.55, 1), (.9, 1), (1, .3)],
+                    "ah1": _wave(0.0, -0.35, 0.55, 0.9, 3, end=0.0), "ah2": _wave(0.0, -0.35, 0.55, 0.9, 3, end=0.0)},
+    "walking_towards": {"x1": [(0, .1), (1, .38)], "x2": [(0, .9), (1, .62)]},
+    "walking_apart": {"x1": [(0, .38), (1, .1)], "x2": [(0, .62), (1, .9)]},
+    "hitting_with_object": {"x1": 0.4, "x2": 0.68, "arm1": [(0, 0), (.3, .6), (.6, 1.2), (1, .4)],
+                            "ah1": [(0, -.5), (.3, -1.6), (.6, -.2), (1, 0)], "h2": [(0, 1), (.55, 1), (.7, .72), (1, .72)]},
+    "wielding_knife": {"x1": [(0, .3), (1, .45)], "x2": [(0, .6), (1, .8)], "arm1": _wave(0.0, 1.0, 0.05, 0.95, 4),
+                       "ah1": -0.2},
+    "knocking_over": {"x1": [(0, .3), (.4, .42), (1, .42)], "x2": [(0, .62), (.4, .62), (1, .7)],
+                      "arm1": [(0, 0), (.35, .9), (.55, .9), (.7, 0), (1, 0)], "lie2": [(0, 0), (.45, 0), (.75, 1), (1, 1)]},
+    "grabbing_stuff": {"x1": [(0, .36), (.5, .36), (1, .2)], "x2": 0.62, "arm1": [(0, 0), (.3, 1), (.5, 1), (1, .3)],
+                       "ah1": 0.2},
+    "shooting_with_gun": {"x1": 0.15, "x2": 0.85, "arm1": [(0, 0), (.25, 1), (1, 1)], "ah1": -0.6,
+                          "lie2": [(0, 0), (.45, 0), (.7, 1), (1, 1)]},
+    "stepping_on_foot": {"x1": [(0, .3), (.4, .42), (1, .42)], "x2": 0.6,
+                         "arm1": [(0, 0), (.4, 0), (.55, .7), (1, .7)], "ah1": 1.4,
+                         "y2": [(0, .55), (.55, .55), (.65, .42), (.75, .55), (1, .55)]},
+    "high_five": {"x1": [(0, .25), (.4, .38), (1, .38)], "x2": [(0, .75), (.4, .62), (1, .62)],
+                  "arm1": [(0, 0), (.4, 0), (.6, 1), (.7, 1), (.85, 0), (1, 0)],
+                  "arm2": [(0, 0), (.4, 0), (.6, 1), (.7, 1), (.85, 0), (1, 0)],
+                  "ah1": [(0, 0), (.4, -.5), (.6, -1.8), (.85, -1.8), (1, 0)],
+                  "ah2": [(0, 0), (.4, -.5), (.6, -1.8), (.85, -1.8), (1, 0)]},
+    "cheers_and_drink": {"x1": 0.4, "x2": 0.6, "arm1": [(0, 0), (.3, .8), (.45, .8), (.6, .2), (1, .2)],
+                         "arm2": [(0, 0), (.3, .8), (.45, .8), (.6, .2), (1, .2)],
+                         "ah1": [(0, 0), (.45, -.6), (.6, -1.4), (1, -1.4)], "ah2": [(0, 0), (.45, -.6), (.6, -1.4), (1, -1.4)]},
+    "carrying_together": {"x1": [(0, .1), (1, .45)], "x2": [(0, .45), (1, .8)], "arm1": 0.8, "arm2": 0.8,
+                          "ah1": 0.3, "ah2": 0.3},
+    "taking_a_photo": {"x1": [(0, .3), (.5, .2), (1, .2)], "x2": 0.7, "arm1": [(0, 0), (.5, .3), (1, .3)],
+                       "ah1": -1.2, "h2": [(0, 1), (.6, 1), (.7, 1.12), (1, 1.12)]},
+    "following": {"x1": [(0, .05), (.5, .25), (1, .6)], "x2": [(0, .3), (1, .8)]},
+    "whispering": {"x1": [(0, .3), (.5, .45), (1, .45)], "x2": 0.6, "y1": [(0, .55), (.5, .55), (.7, .48), (1, .48)],
+                   "h1": [(0, 1), (.5, 1), (.7, .9), (1, .9)]},
+    "exchanging_things": {"x1": 0.35, "x2": 0.65, "arm1": [(0, 0), (.25, 1), (.4, 0), (.6, 1), (.75, 0), (1, 0)],
+                          "arm2": [(0, 0), (.25, 1), (.4, 0), (.6, 1), (.75, 0), (1, 0)]},
+    "supporting_somebody": {"x1": [(0, .3), (1, .5)], "x2": [(0, .55), (1, .75)], "h2": 0.72, "arm1": 0.6,
+                            "ah1": -0.3, "y2": 0.6},
+    "rock_paper_scissors": {"x1": 0.38, "x2": 0.62, "arm1": [(0, .3), (.6, .3), (.7, .8), (1, .8)],
+                            "arm2": [(0, .3), (.6, .3), (.7, .8), (1, .8)],
+                            "ah1": _wave(0.0, -0.8, 0.05, 0.6, 3), "ah2": _wave(0.0, -0.8, 0.05, 0.6, 3)},
 }
+RELATIONS = tuple(PATTERNS)
 
 
 @dataclass
-class LatentClip:
+class SyntheticClip:
     video_id: str
     relation: str
-    latents_mean: torch.Tensor     # (C, F, H, W)
-    latents_logvar: torch.Tensor   # (C, F, H, W)
-    mask_subject1: torch.Tensor    # (F, H, W) in [0, 1]
-    mask_subject2: torch.Tensor    # (F, H, W)
+    frames: np.ndarray        # uint8 (F, H, W, 3)
+    masks: np.ndarray         # float32 (F, 2, H, W), exact visible-pixel masks, disjoint
+    boxes: np.ndarray         # float32 (F, 2, 4) xyxy pixels of each subject's full shape
+    mirrored: bool
+
+    def truth(self) -> dict:
+        return {"video_id": self.video_id, "relation": self.relation, "mirrored": self.mirrored,
+                "frames": int(self.frames.shape[0]), "height": int(self.frames.shape[1]),
+                "width": int(self.frames.shape[2]), "boxes_xyxy": np.round(self.boxes, 2).tolist()}
 
 
-def motion_for(relation: str) -> str:
-    if relation in RELATION_MOTION:
-        return RELATION_MOTION[relation]
+def pattern_for(relation: str) -> dict:
+    """The relation's keyframes; a relation outside the built-in 26 gets one of them, chosen by its name."""
+    if relation in PATTERNS:
+        return PATTERNS[relation]
     digest = int(hashlib.sha256(relation.encode()).hexdigest(), 16)
-    return MOTIONS[digest % len(MOTIONS)]
+    return PATTERNS[RELATIONS[digest % len(RELATIONS)]]
 
 
-def _positions(motion: str, t: torch.Tensor, jitter: torch.Tensor):
-    """Centres (x, y) in [0, 1] of both subjects over normalised time t (T,)."""
-    y = 0.5 + 0.05 * jitter[0]
-    lerp = lambda a, b, s: a + (b - a) * s  # noqa: E731
-    if motion == "approach":
-        return (lerp(0.15, 0.42, t), y + 0 * t), (lerp(0.85, 0.58, t), y + 0 * t)
-    if motion == "separate":
-        return (lerp(0.42, 0.15, t), y + 0 * t), (lerp(0.58, 0.85, t), y + 0 * t)
-    if motion == "follow":
-        return (lerp(0.35, 0.85, t), y + 0 * t), (lerp(0.1, 0.6, t), y + 0 * t)
-    if motion == "meet_and_part":
-        s = 1 - (2 * t - 1).abs()
-        return (lerp(0.2, 0.43, s), y + 0 * t), (lerp(0.8, 0.57, s), y + 0 * t)
-    if motion == "push":
-        s1 = (2 * t).clamp(max=1)
-        s2 = (2 * t - 1).clamp(min=0)
-        return (lerp(0.15, 0.45, s1), y + 0 * t), (lerp(0.6, 0.9, s2), y + 0 * t)
-    if motion == "orbit":
-        a = 2 * math.pi * t
-        return (0.5 + 0 * t, y + 0 * t), (0.5 + 0.25 * torch.cos(a), y + 0.25 * torch.sin(a))
-    if motion == "rise_and_meet":
-        return (lerp(0.25, 0.43, t), lerp(0.75, 0.35, t)), (lerp(0.75, 0.57, t), lerp(0.75, 0.35, t))
-    if motion == "side_by_side":
-        return (lerp(0.15, 0.7, t), y - 0.12 + 0 * t), (lerp(0.15, 0.7, t), y + 0.12 + 0 * t)
-    raise ValueError(f"unknown motion {motion!r}")
+def pattern_tracks(pattern: dict, t_T: np.ndarray) -> dict[str, np.ndarray]:
+    """Each parameter over normalised times t (T,), piecewise linear between keyframes."""
+    out = {}
+    for name, default in DEFAULTS.items():
+        spec = pattern.get(name, default)
+        if isinstance(spec, (int, float)):
+            out[name] = np.full_like(t_T, float(spec))
+        else:
+            ts, vs = zip(*spec)
+            out[name] = np.interp(t_T, ts, vs)
+    return out
 
 
-def render_clip(relation: str, index: int, latent_frames: int = 3, latent_height: int = 8, latent_width: int = 8,
-                seed: int = 0) -> LatentClip:
-    """Deterministic clip `index` of `relation`."""
-    digest = hashlib.sha256(f"{relation}/{index}/{seed}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-    frames = 6 * (latent_frames - 1) + 1
-    height, width = 8 * latent_height, 8 * latent_width
-    jitter = torch.rand(4, generator=g) * 2 - 1
-    t = torch.linspace(0, 1, frames).clamp(0, 1)
-    (x1, y1), (x2, y2) = _positions(motion_for(relation), t, jitter)
-    x1, x2 = x1 + 0.03 * jitter[1], x2 + 0.03 * jitter[2]
-    ys = (torch.arange(height).float() + 0.5) / height
-    xs = (torch.arange(width).float() + 0.5) / width
-    yy, xx = ys[None, :, None], xs[None, None, :]
-    radius = 0.13 + 0.02 * jitter[3]
-    disc = (((xx - x1[:, None, None]) ** 2 + (yy - y1[:, None, None]) ** 2) <= radius ** 2).float()
-    square = (((xx - x2[:, None, None]).abs() <= radius) & ((yy - y2[:, None, None]).abs() <= radius)).float()
-    square = square * (1 - disc)   # subject 1 is in front where they overlap
-    m1, m2 = latent_masks(disc), latent_masks(square)
-    code1 = torch.randn(LATENT_CHANNELS, generator=g)
-    code2 = torch.randn(LATENT_CHANNELS, generator=g)
-    background = 0.3 * torch.randn(LATENT_CHANNELS, 1, latent_height, latent_width, generator=g)
-    mean = background + code1[:, None, None, None] * m1[None] + code2[:, None, None, None] * m2[None]
-    logvar = torch.full_like(mean, 2 * math.log(0.05))
-    return LatentClip(f"{relation}/{index:04d}", relation, mean, logvar, m1, m2)
+def _rng(relation: str, index: int, seed: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"synthetic/{relation}/{index}/{seed}".encode()).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
 
 
-def synthetic_relation_clips(relation: str, count: int, latent_frames: int = 3, latent_height: int = 8,
-                             latent_width: int = 8, seed: int = 0) -> list[LatentClip]:
+def _colour(hue: float, rng: np.random.Generator) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.6, 0.95), rng.uniform(0.75, 1.0)))
+
+
+def _shapes(p: dict, i: int, H: int, W: int, radius: float, yy, xx):
+    """Boolean full-shape masks and xyxy boxes of both subjects in frame i."""
+    shapes, boxes = [], []
+    for s in (1, 2):
+        cx, cy = p[f"x{s}"][i] * W, p[f"y{s}"][i] * H
+        rx, ry = radius, 1.6 * radius * p[f"h{s}"][i]
+        if s == 2:
+            lie = p["lie2"][i]
+            rx, ry = rx + lie * (ry - rx) * 1.4, ry - lie * (ry - 0.7 * radius)
+            cy = cy + lie * (1.6 * radius - ry)
+            body = (np.abs(xx - cx) <= rx) & (np.abs(yy - cy) <= ry)
+        else:
+            body = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+        other_cx = p[f"x{3 - s}"][i] * W
+        direction = 1.0 if other_cx >= cx else -1.0
+        reach = p[f"arm{s}"][i] * 1.6 * radius
+        arm_y = cy + p[f"ah{s}"][i] * ry
+        thick = max(1.0, 0.28 * radius)
+        x0 = cx + direction * rx * 0.8
+        x1 = x0 + direction * reach
+        arm = (reach > 0.5) & (np.abs(yy - arm_y) <= thick) & \
+            (xx >= min(x0, x1)) & (xx <= max(x0, x1))
+        shape = body | arm
+        ys, xs = np.nonzero(shape)
+        box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [cx, cy, cx, cy]
+        shapes.append(shape)
+        boxes.append(box)
+    return shapes, np.array(boxes, dtype=np.float32)
+
+
+def render_clip(relation: str, index: int, frames: int = 13, height: int = 64, width: int = 64,
+                seed: int = 0) -> SyntheticClip:
+    """Deterministic clip `index` of `relation` (the same arguments always give the same pixels)."""
+    if frames < 2 or height < 16 or width < 16:
+        raise ValueError(f"synthetic clips need >= 2 frames and >= 16x16 pixels, got {frames}x{height}x{width}")
+    rng = _rng(relation, index, seed)
+    warp = rng.uniform(0.85, 1.15)
+    t_T = np.linspace(0.0, 1.0, frames) ** warp
+    p = pattern_tracks(pattern_for(relation), t_T)
+    dx, dy = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)
+    mirrored = bool(rng.random() < 0.5)
+    for s in (1, 2):
+        p[f"x{s}"] = p[f"x{s}"] + dx
+        p[f"y{s}"] = p[f"y{s}"] + dy
+        if mirrored:
+            p[f"x{s}"] = 1.0 - p[f"x{s}"]
+    radius = min(height, width) * rng.uniform(0.09, 0.11)
+    hue1 = rng.random()
+    c1, c2 = _colour(hue1, rng), _colour(hue1 + rng.uniform(0.33, 0.67), rng)
+    bg_a, bg_b = rng.uniform(0.05, 0.35, 3), rng.uniform(0.05, 0.35, 3)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    ramp = (yy / height)[..., None]
+    background = (1 - ramp) * bg_a + ramp * bg_b + rng.normal(0, 0.02, (height, width, 3))
+    stripes = 0.75 + 0.25 * (np.floor(yy / max(2, radius / 3)) % 2)[..., None]
+    checker = 0.75 + 0.25 * ((np.floor(yy / max(2, radius / 2)) + np.floor(xx / max(2, radius / 2))) % 2)[..., None]
+    video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    masks = np.zeros((frames, 2, height, width), dtype=np.float32)
+    boxes = np.zeros((frames, 2, 4), dtype=np.float32)
+    for i in range(frames):
+        (s1, s2), boxes[i] = _shapes(p, i, height, width, radius, yy, xx)
+        visible2 = s2 & ~s1
+        img = background.copy()
+        img[visible2] = (c2 * checker)[visible2]
+        img[s1] = (c1 * stripes)[s1]
+        video[i] = np.clip(img * 255.0, 0, 255).round().astype(np.uint8)
+        masks[i, 0], masks[i, 1] = s1, visible2
+    return SyntheticClip(f"{relation}_{index:04d}", relation, video, masks, boxes, mirrored)
+
+
+def write_synthetic_videos(root: str | Path, relations: list[str], count: int, frames: int, height: int,
+                           width: int, fps: float = 30.0, seed: int = 0) -> Path:
+    """Write `count` clips per relation as `<root>/<relation>/<id>.mp4` + `<id>_masks/` + `<id>.json`.
+
+    Finished clips (their JSON written last) are kept on a re-run."""
+    from dr_train.data.mask_import import save_mask_folder
+    from dr_train.data.video import write_mp4
+
     if count < 1:
-        raise ValueError("videos_per_relation must be >= 1")
-    return [render_clip(relation, i, latent_frames, latent_height, latent_width, seed) for i in range(count)]
+        raise ValueError(f"synthetic clips per relation must be >= 1, got {count}")
+    root = Path(root)
+    for relation in relations:
+        folder = root / relation
+        for index in range(count):
+            truth_path = folder / f"{relation}_{index:04d}.json"
+            if truth_path.is_file():
+                continue
+            clip = render_clip(relation, index, frames, height, width, seed)
+            write_mp4(clip.frames, folder / f"{clip.video_id}.mp4", fps=fps)
+            save_mask_folder(folder / f"{clip.video_id}_masks", clip.masks)
+            truth_path.write_text(json.dumps(clip.truth()))
+    return root

@@ -18,9 +18,9 @@ _SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 @dataclass
 class MochiComponents:
-    transformer: MochiTransformer3DModel
-    vae: AutoencoderKLMochi
-    text_encoder: T5EncoderModel
+    transformer: MochiTransformer3DModel | None
+    vae: AutoencoderKLMochi | None
+    text_encoder: T5EncoderModel | None
     tokenizer: T5TokenizerFast
     scheduler: FlowMatchEulerDiscreteScheduler
     max_text_tokens: int
@@ -48,37 +48,49 @@ def check_pretrained_folder(path: Path) -> None:
                          f"{', '.join(_SUBFOLDERS)})")
 
 
+PARTS = ("transformer", "vae", "text_encoder")
+
+
+def _load_part(part: str, preset: str, torch_dtype: torch.dtype, vocab_size: int):
+    if preset == "tiny":
+        module = {"transformer": presets.tiny_transformer, "vae": presets.tiny_vae,
+                  "text_encoder": lambda: presets.tiny_text_encoder(vocab_size)}[part]()
+        return module.to(torch_dtype) if part == "transformer" and torch_dtype != torch.float32 else module
+    cls = {"transformer": MochiTransformer3DModel, "vae": AutoencoderKLMochi, "text_encoder": T5EncoderModel}[part]
+    return cls.from_pretrained(preset, subfolder=part, torch_dtype=torch.float32 if part == "vae" else torch_dtype)
+
+
 def load_mochi(preset: str = "tiny", dtype: str = "auto", attention_backend: str = "sdpa",
-               gradient_checkpointing: bool = False, max_text_tokens: int = 0) -> MochiComponents:
-    """The whole Mochi stack with frozen weights, the chosen attention processor and checkpointing switch."""
+               gradient_checkpointing: bool = False, max_text_tokens: int = 0,
+               parts: tuple[str, ...] = PARTS) -> MochiComponents:
+    """The Mochi stack with frozen weights, the chosen attention processor and checkpointing switch.
+
+    `parts` picks which of transformer, vae and text_encoder to load (the others are None): training from cached
+    latents needs only the transformer, data preparation only the VAE and T5."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown Mochi part(s) {sorted(unknown)}; available: {', '.join(PARTS)}")
     torch_dtype = resolve_dtype(preset, dtype)
     if preset == "tiny":
-        tokenizer = presets.tiny_tokenizer()
-        comps = MochiComponents(
-            transformer=presets.tiny_transformer(), vae=presets.tiny_vae(),
-            text_encoder=presets.tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer,
-            scheduler=presets.mochi_scheduler(), max_text_tokens=max_text_tokens or presets.TINY_TEXT_TOKENS,
-            source="tiny",
-        )
-        if torch_dtype != torch.float32:
-            comps.transformer.to(torch_dtype)
+        tokenizer, scheduler = presets.tiny_tokenizer(), presets.mochi_scheduler()
+        max_text_tokens = max_text_tokens or presets.TINY_TEXT_TOKENS
     else:
-        path = Path(preset)
-        check_pretrained_folder(path)
-        comps = MochiComponents(
-            transformer=MochiTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype),
-            vae=AutoencoderKLMochi.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
-            text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch_dtype),
-            tokenizer=T5TokenizerFast.from_pretrained(path, subfolder="tokenizer"),
-            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
-            max_text_tokens=max_text_tokens or MOCHI_TEXT_TOKENS, source=str(path),
-        )
-    for module in (comps.transformer, comps.vae, comps.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    set_attention_backend(comps.transformer, attention_backend)
-    if gradient_checkpointing:
-        comps.transformer.enable_gradient_checkpointing()
+        check_pretrained_folder(Path(preset))
+        tokenizer = T5TokenizerFast.from_pretrained(preset, subfolder="tokenizer")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(preset, subfolder="scheduler")
+        max_text_tokens = max_text_tokens or MOCHI_TEXT_TOKENS
+    loaded = {part: _load_part(part, preset, torch_dtype, len(tokenizer)) if part in parts else None
+              for part in PARTS}
+    comps = MochiComponents(tokenizer=tokenizer, scheduler=scheduler, max_text_tokens=max_text_tokens,
+                            source=preset if preset == "tiny" else str(Path(preset)), **loaded)
+    for module in loaded.values():
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    if comps.transformer is not None:
+        set_attention_backend(comps.transformer, attention_backend)
+        if gradient_checkpointing:
+            comps.transformer.enable_gradient_checkpointing()
     return comps
 
 

@@ -1,0 +1,94 @@
+"""Where the trainer's data comes from: a prepared dataset folder, or the built-in synthetic relations, which are
+rendered, ingested (the same path as user videos) and sharded on first use."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from dr_train.catalog import Relation
+from dr_train.config import Config
+from dr_train.data.encode import ClipEncoder
+from dr_train.data.shards import load_manifest
+
+log = logging.getLogger("dr_train")
+
+
+def make_encoder(cfg: Config, device: torch.device | str | None = None) -> ClipEncoder:
+    """VAE + T5 of `model.preset` (the transformer is not loaded)."""
+    from dr_train.model import load_mochi
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    comps = load_mochi(cfg.model.preset, cfg.model.dtype, max_text_tokens=cfg.model.max_text_tokens,
+                       parts=("vae", "text_encoder"))
+    return ClipEncoder(comps.vae, comps.text_encoder, comps.tokenizer, comps.max_text_tokens, comps.source, device,
+                       vae_tiling=cfg.prepare.vae_tiling)
+
+
+def synthetic_prepare_config(cfg: Config):
+    """The prepare settings of the synthetic dataset: clip size from data.latent_*, PNG masks, no resampling."""
+    d = cfg.data
+    prep = copy.deepcopy(cfg.prepare)
+    prep.frames, prep.height, prep.width = 6 * (d.latent_frames - 1) + 1, 8 * d.latent_height, 8 * d.latent_width
+    prep.fps, prep.masks, prep.layout, prep.video_backend = 30.0, "png", "folders", "pyav"
+    prep.strict, prep.workers = True, 0
+    return prep
+
+
+def synthetic_dataset_dir(cfg: Config) -> Path:
+    d = cfg.data
+    key = json.dumps([cfg.model.preset, cfg.model.max_text_tokens, d.videos_per_relation, d.latent_frames,
+                      d.latent_height, d.latent_width, cfg.train.seed])
+    return Path(d.cache_dir) / f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def ensure_synthetic_dataset(cfg: Config, relations: list[Relation]) -> Path:
+    """The synthetic dataset with every relation in `relations`, generating what is missing."""
+    from dr_train.data.prepare import discover_videos, prepare_dataset
+    from dr_train.data.synthetic import write_synthetic_videos
+
+    root = synthetic_dataset_dir(cfg)
+    names = [r.name for r in relations]
+    try:
+        have = load_manifest(root)["relations"]
+    except ValueError:
+        have = {}
+    missing = [n for n in names if have.get(n, {}).get("samples", 0) < cfg.data.videos_per_relation]
+    if not missing:
+        return root
+    prep = synthetic_prepare_config(cfg)
+    log.info("generating synthetic clips of %s into %s", ", ".join(missing), root)
+    videos = write_synthetic_videos(root / "videos", missing, cfg.data.videos_per_relation, prep.frames,
+                                    prep.height, prep.width, fps=prep.fps, seed=cfg.train.seed)
+    catalog = {r.name: r for r in relations}
+    jobs = discover_videos([videos], catalog, "folders", relations=missing)
+    prepare_dataset(root, jobs, prep, make_encoder(cfg, "cpu"))
+    return root
+
+
+def resolve_dataset(cfg: Config, relations: list[Relation]) -> Path:
+    """The dataset folder the trainer reads, checked to hold every relation it will train."""
+    if cfg.data.source == "synthetic":
+        return ensure_synthetic_dataset(cfg, relations)
+    root = Path(cfg.data.source)
+    manifest = load_manifest(root)
+    missing = [r.name for r in relations if not manifest["relations"].get(r.name, {}).get("samples")]
+    if missing:
+        raise ValueError(f"dataset {root} has no samples of {', '.join(missing)} (it holds "
+                         f"{', '.join(sorted(manifest['relations'])) or 'nothing'}); prepare them with "
+                         f"launch/prepare.py")
+    return root
+
+
+def check_dataset_matches_model(root: Path, transformer) -> None:
+    """The dataset's latent channels and text embedding width must be what the transformer takes."""
+    enc = load_manifest(root)["encoder"]
+    cfg = transformer.config
+    if int(enc["latent_channels"]) != int(cfg.in_channels) or int(enc["text_dim"]) != int(cfg.text_embed_dim):
+        raise ValueError(f"dataset {root} holds {enc['latent_channels']}-channel latents and {enc['text_dim']}-wide "
+                         f"text embeddings (encoded with {enc['model']}); the transformer takes {cfg.in_channels} and "
+                         f"{cfg.text_embed_dim}: prepare the data with the same model.preset")
