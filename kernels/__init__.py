@@ -11,6 +11,10 @@ Each call is dispatched (see `kernels.dispatch`): the Triton kernel when the inp
 available, or CPU tensors under TRITON_INTERPRET=1; the torch reference otherwise. Force either with
 `DR_TRAIN_KERNELS=auto|triton|torch`, `kernels.set_backend(...)` or `with kernels.use_backend(...):`;
 `kernels.backend()` tells what a call would use. Importing this package never requires Triton.
+
+Layout: `masked_loss.py` and `rcl_features.py` (Triton kernels, launchers, autograd Functions; the features
+module is not called relation_features.py so that `kernels.relation_features` is unambiguously the function),
+`dispatch.py` (backend selection, lazy jitting). Benchmarks: perf/bench_kernels.py.
 """
 from __future__ import annotations
 

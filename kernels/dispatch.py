@@ -167,6 +167,17 @@ class LazyKernel:
         return self.jitted()[grid]
 
 
+def device_guard(t: torch.Tensor):
+    """Launch on the tensor's GPU, whatever the current device is (multi-GPU processes)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def launch_options(num_warps: int) -> dict:
+    """Compile options for a launch: none under the interpreter; otherwise num_warps and FP fusion (FMA) stated
+    explicitly, so results do not change when Triton changes its default (3.10 turns it off)."""
+    return {} if interpret_enabled() else {"num_warps": num_warps, "enable_fp_fusion": True}
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -32,7 +32,7 @@ import math
 import torch
 
 from dr_train.losses.flow_matching import MODES, _mask_BCFHW
-from kernels.dispatch import LazyKernel, block_for, interpret_enabled
+from kernels.dispatch import LazyKernel, block_for, device_guard, launch_options
 
 import triton
 import triton.language as tl
@@ -51,22 +51,25 @@ _MAX_GRID_Y = 65535
 
 
 def _loss_fwd_kernel(pred_ptr, tgt_ptr, noise_ptr, mask_ptr, grad_ptr, partial_ptr,
-                     S, C, NBLK,
+                     S_a, C, NBLK,
                      sp_b, sp_c, st_b, st_c, sn_b, sn_c, sm_b,
                      mask_weight, grad_scale,
                      OFFICIAL: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    # S and the row strides arrive divided by ALIGN (a power of two dividing all of them): multiplying back by a
+    # constexpr lets the compiler prove 16-byte alignment and vectorise the loads, the stores and the tail mask.
+    S = S_a * ALIGN
     row = tl.program_id(0).to(tl.int64)           # b * C + c
     blk = tl.program_id(1)
     b = row // C
     c = row % C
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     valid = offs < S
-    p = tl.load(pred_ptr + b * sp_b + c * sp_c + offs, mask=valid, other=0.0).to(tl.float32)
-    t = tl.load(tgt_ptr + b * st_b + c * st_c + offs, mask=valid, other=0.0).to(tl.float32)
+    p = tl.load(pred_ptr + (b * sp_b + c * sp_c) * ALIGN + offs, mask=valid, other=0.0).to(tl.float32)
+    t = tl.load(tgt_ptr + (b * st_b + c * st_c) * ALIGN + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_NOISE:
-        t = t - tl.load(noise_ptr + b * sn_b + c * sn_c + offs, mask=valid, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + b * sm_b + offs, mask=valid, other=0.0).to(tl.float32)
+        t = t - tl.load(noise_ptr + (b * sn_b + c * sn_c) * ALIGN + offs, mask=valid, other=0.0).to(tl.float32)
+    m = tl.load(mask_ptr + b * sm_b * ALIGN + offs, mask=valid, other=0.0).to(tl.float32)
     if OFFICIAL:
         w = 1.0 + mask_weight * (m * m)
     else:
@@ -88,12 +91,13 @@ def _sum_partials_kernel(partial_ptr, out_ptr, N, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr, tl.reduce(acc, 0, _sum_combine) / numel)
 
 
-def _scale_inplace_kernel(x_ptr, scale_ptr, N, BLOCK: tl.constexpr):
-    """x *= scale, with scale read on the device; scale == 1 masks every lane off (no memory traffic)."""
+def _scale_inplace_kernel(x_ptr, scale_ptr, N_a, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """x *= scale, with scale read on the device; scale == 1 masks every lane off (no memory traffic).
+    N arrives divided by ALIGN (see _loss_fwd_kernel)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     s = tl.load(scale_ptr).to(tl.float32)
-    limit = tl.where(s != 1.0, N, 0)
+    limit = (N_a * (s != 1.0).to(tl.int32)) * ALIGN      # 0 when s == 1: every lane masked off
     valid = offs < limit
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     tl.store(x_ptr + offs, (x * s).to(x_ptr.dtype.element_ty), mask=valid)
@@ -114,6 +118,20 @@ def dense_from(x: torch.Tensor, dim: int) -> bool:
     return True
 
 
+def row_strides(x: torch.Tensor, ndim: int) -> list[int]:
+    """Strides of the first `ndim` dims, 0 for size-1 dims (their index is always 0)."""
+    return [x.stride(d) if x.size(d) != 1 else 0 for d in range(ndim)]
+
+
+def common_align(*values: int, cap: int = 16) -> int:
+    """Largest power of two <= cap dividing every value (in elements)."""
+    align = cap
+    for v in values:
+        while align > 1 and v % align:
+            align //= 2
+    return align
+
+
 def _inner_dense(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x if dense_from(x, dim) else x.contiguous()
 
@@ -130,10 +148,15 @@ def _check_inputs(pred, target, noise, mask, mode):
     return _mask_BCFHW(mask, pred)
 
 
-def masked_loss_forward(pred: torch.Tensor, target: torch.Tensor, noise: torch.Tensor | None, mask: torch.Tensor,
+def masked_loss_forward(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the fused kernel: (scalar fp32 loss, d loss / d pred or None). target = target - noise if noise."""
+    with device_guard(args[0] if args else kwargs["pred"]):
+        return _masked_loss_forward(*args, **kwargs)
+
+
+def _masked_loss_forward(pred: torch.Tensor, target: torch.Tensor, noise: torch.Tensor | None, mask: torch.Tensor,
                         mask_weight: float, mode: str, write_grad: bool, block_size: int | None = None,
                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the fused kernel: (scalar fp32 loss, d loss / d pred or None). target = target - noise if noise."""
     mask5 = _check_inputs(pred, target, noise, mask, mode)
     if mask5.dtype == torch.bool:
         mask5 = mask5.view(torch.uint8)
@@ -155,17 +178,19 @@ def masked_loss_forward(pred: torch.Tensor, target: torch.Tensor, noise: torch.T
     rows = B * C
     partials = torch.empty(rows * nblk, dtype=torch.float32, device=device)
     grad = torch.empty(pred.shape, dtype=pred.dtype, device=device) if write_grad else None
-    kwargs = {} if interpret_enabled() else {"num_warps": num_warps or LOSS_WARPS}
+    kwargs = launch_options(num_warps or LOSS_WARPS)
+    strides = [*row_strides(pred_, 2), *row_strides(target_, 2), *row_strides(noise_, 2), row_strides(mask_, 1)[0]]
+    align = common_align(S, *strides)
     loss_fwd_kernel[(rows, nblk)](
         pred_, target_, noise_, mask_, grad if write_grad else partials, partials,
-        S, C, nblk,
-        pred_.stride(0), pred_.stride(1), target_.stride(0), target_.stride(1),
-        noise_.stride(0), noise_.stride(1), mask_.stride(0),
+        S // align, C, nblk, *(st // align for st in strides),
         float(mask_weight), 2.0 / numel,
-        OFFICIAL=(mode == "official"), HAS_NOISE=noise is not None, WRITE_GRAD=write_grad, BLOCK=block, **kwargs)
+        OFFICIAL=(mode == "official"), HAS_NOISE=noise is not None, WRITE_GRAD=write_grad, BLOCK=block,
+        ALIGN=align, **kwargs)
     loss = torch.empty((), dtype=torch.float32, device=device)
     n = rows * nblk
-    sum_partials_kernel[(1,)](partials, loss, n, float(numel), BLOCK=min(SUM_BLOCK, block_for(n, SUM_BLOCK)))
+    sum_partials_kernel[(1,)](partials, loss, n, float(numel), BLOCK=min(SUM_BLOCK, block_for(n, SUM_BLOCK)),
+                              **launch_options(4))
     return loss, grad
 
 
@@ -176,8 +201,10 @@ def scale_inplace(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return x
     block = block_for(n, SCALE_BLOCK)
-    kwargs = {} if interpret_enabled() else {"num_warps": SCALE_WARPS}
-    scale_inplace_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, **kwargs)
+    kwargs = launch_options(SCALE_WARPS)
+    align = common_align(n)
+    with device_guard(x):
+        scale_inplace_kernel[(triton.cdiv(n, block),)](x, scale, n // align, BLOCK=block, ALIGN=align, **kwargs)
     return x
 
 

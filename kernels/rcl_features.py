@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import LazyKernel, block_for, interpret_enabled, next_power_of_2
-from kernels.masked_loss import _inner_dense
+from kernels.dispatch import LazyKernel, block_for, device_guard, launch_options, next_power_of_2
+from kernels.masked_loss import _inner_dense, common_align, row_strides
 
 import triton
 import triton.language as tl
@@ -37,7 +37,9 @@ RF_WARPS = 4
 _MAX_GRID_Y = 65535
 
 
-def _rf_partial_kernel(x_ptr, part_ptr, HW, C, F, NBLK, s_b, s_c, s_f, BLOCK: tl.constexpr):
+def _rf_partial_kernel(x_ptr, part_ptr, HW_a, C, F, NBLK, s_b, s_c, s_f, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    # HW and the strides arrive divided by ALIGN (see masked_loss._loss_fwd_kernel): provable 16-byte alignment.
+    HW = HW_a * ALIGN
     row = tl.program_id(0).to(tl.int64)           # (b * C + c) * F + f
     blk = tl.program_id(1)
     f = row % F
@@ -45,7 +47,7 @@ def _rf_partial_kernel(x_ptr, part_ptr, HW, C, F, NBLK, s_b, s_c, s_f, BLOCK: tl
     c = bc % C
     b = bc // C
     offs = blk * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + b * s_b + c * s_c + f * s_f + offs, mask=offs < HW, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + (b * s_b + c * s_c + f * s_f) * ALIGN + offs, mask=offs < HW, other=0.0).to(tl.float32)
     tl.store(part_ptr + row * NBLK + blk, tl.reduce(x, 0, _sum_combine))
 
 
@@ -71,9 +73,10 @@ def _rf_finalize_kernel(part_ptr, means_ptr, dyn_ptr, C, F, NBLK, hw,
     tl.store(dyn_ptr + (b * (F - 1) + f) * C + c, mean_next - mean, mask=f + 1 < F)
 
 
-def _rf_backward_kernel(gm_ptr, gd_ptr, grad_ptr, HW, C, F,
+def _rf_backward_kernel(gm_ptr, gd_ptr, grad_ptr, HW_a, C, F,
                         sgm_b, sgm_f, sgm_c, sgd_b, sgd_f, sgd_c, hw,
-                        HAS_GM: tl.constexpr, HAS_GD: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_GM: tl.constexpr, HAS_GD: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    HW = HW_a * ALIGN
     row = tl.program_id(0).to(tl.int64)           # (b * C + c) * F + f
     blk = tl.program_id(1)
     f = row % F
@@ -126,13 +129,15 @@ def relation_features_forward(pred: torch.Tensor, block_size: int | None = None,
     nblk = triton.cdiv(HW, block)
     rows = B * C * F
     partials = torch.empty(rows * nblk, dtype=torch.float32, device=device)
-    kwargs = {} if interpret_enabled() else {"num_warps": num_warps or RF_WARPS}
-    rf_partial_kernel[(rows, nblk)](x, partials, HW, C, F, nblk, x.stride(0), x.stride(1), x.stride(2),
-                                    BLOCK=block, **kwargs)
+    kwargs = launch_options(num_warps or RF_WARPS)
+    strides = row_strides(x, 3)
+    align = common_align(HW, *strides)
+    rf_partial_kernel[(rows, nblk)](x, partials, HW // align, C, F, nblk, *(st // align for st in strides),
+                                    BLOCK=block, ALIGN=align, **kwargs)
     f_block = next_power_of_2(F)
     nb_block = max(1, min(next_power_of_2(nblk), 4096 // f_block))
     rf_finalize_kernel[(B * C,)](partials, means, dyn if dyn.numel() else means, C, F, nblk, float(HW),
-                                 F_BLOCK=f_block, NB_BLOCK=nb_block)
+                                 F_BLOCK=f_block, NB_BLOCK=nb_block, **launch_options(4))
     return means, dyn
 
 
@@ -151,10 +156,11 @@ def relation_features_backward(g_means: torch.Tensor | None, g_dyn: torch.Tensor
     sgm = (gm.stride(0), gm.stride(1), gm.stride(2)) if has_gm else (0, 0, 0)
     sgd = (gd.stride(0), gd.stride(1), gd.stride(2)) if has_gd else (0, 0, 0)
     block = _plane_block(HW, block_size)
-    kwargs = {} if interpret_enabled() else {"num_warps": num_warps or RF_WARPS}
+    align = common_align(HW)
+    kwargs = launch_options(num_warps or RF_WARPS)
     rf_backward_kernel[(B * C * F, triton.cdiv(HW, block))](
-        gm, gd, grad, HW, C, F, *sgm, *sgd, float(HW),
-        HAS_GM=has_gm, HAS_GD=has_gd, BLOCK=block, **kwargs)
+        gm, gd, grad, HW // align, C, F, *sgm, *sgd, float(HW),
+        HAS_GM=has_gm, HAS_GD=has_gd, BLOCK=block, ALIGN=align, **kwargs)
     return grad
 
 
@@ -163,7 +169,8 @@ class RelationFeaturesFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, block_size=None):
-        means, dyn = relation_features_forward(pred, block_size)
+        with device_guard(pred):
+            means, dyn = relation_features_forward(pred, block_size)
         ctx.shape, ctx.dtype, ctx.device, ctx.block_size = tuple(pred.shape), pred.dtype, pred.device, block_size
         ctx.set_materialize_grads(False)
         return means, dyn
@@ -173,7 +180,9 @@ class RelationFeaturesFunction(torch.autograd.Function):
     def backward(ctx, g_means, g_dyn):
         if g_means is None and (g_dyn is None or g_dyn.numel() == 0):
             return None, None
-        return relation_features_backward(g_means, g_dyn, ctx.shape, ctx.dtype, ctx.device, ctx.block_size), None
+        with device_guard(g_means if g_means is not None else g_dyn):
+            grad = relation_features_backward(g_means, g_dyn, ctx.shape, ctx.dtype, ctx.device, ctx.block_size)
+        return grad, None
 
 
 def relation_features_triton(pred: torch.Tensor, block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,11 +84,13 @@ def _latents_or_reason(masks_F2HW: np.ndarray, latent_masks_2fhw) -> tuple[np.nd
 
 
 def write_contact_sheet(png_path, frames_FHWC, masks_F2HW, latent_masks_2fhw=None, title: str = "",
-                        max_frames: int = 8) -> Path:
+                        max_frames: int = 8, frame_numbers=None, clip_frames: int | None = None) -> Path:
     """Write the contact sheet of a clip to png_path and return that path.
 
     frames_FHWC: (F, H, W, 3) uint8; masks_F2HW: (F, 2, H, W) pixel masks in [0, 1] for the same frames;
     latent_masks_2fhw: (2, f, h, w) latent masks, computed with Mochi's VAE grouping when None.
+    frame_numbers / clip_frames: when the frames are a selection (a shard sample's preview), the clip frame number
+    of each and the clip's frame count, for the labels.
     """
     frames = np.asarray(frames_FHWC)
     masks = np.asarray(masks_F2HW, dtype=np.float32)
@@ -119,7 +121,7 @@ def write_contact_sheet(png_path, frames_FHWC, masks_F2HW, latent_masks_2fhw=Non
 
     for col, f in enumerate(shown):
         x, y = GAP + col * (tile_w + GAP), TITLE_HEIGHT
-        _paste_label(sheet, (x, y), f"frame {f}", tile_w, font)
+        _paste_label(sheet, (x, y), f"frame {f if frame_numbers is None else frame_numbers[f]}", tile_w, font)
         sheet.paste(Image.fromarray(overlay_tile(frames[f], masks[f], (tile_w, tile_h))), (x, y + LABEL_HEIGHT))
 
     if latents is None:
@@ -127,7 +129,7 @@ def write_contact_sheet(png_path, frames_FHWC, masks_F2HW, latent_masks_2fhw=Non
     for k in range(latent_count):
         row, col = divmod(k, columns)
         x, y = GAP + col * (tile_w + GAP), TITLE_HEIGHT + cell_h * (1 + row)
-        _paste_label(sheet, (x, y), _latent_label(k, latent_count, count), tile_w, font)
+        _paste_label(sheet, (x, y), _latent_label(k, latent_count, clip_frames or count), tile_w, font)
         sheet.paste(Image.fromarray(latent_tile(latents[:, k], (tile_w, tile_h))), (x, y + LABEL_HEIGHT))
 
     path = Path(png_path)

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -118,7 +119,7 @@ def discover_videos(inputs: list[Path], catalog: dict[str, Relation], layout: st
 
 
 # ---- one clip ----------------------------------------------------------------------------------------------
-def _spec(cfg: PrepareConfig):
+def video_spec(cfg: PrepareConfig):
     from dr_train.data.video import VideoSpec
 
     return VideoSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps, trim=cfg.trim)
@@ -142,7 +143,7 @@ def load_clip(job: VideoJob, cfg: PrepareConfig) -> Clip:
 
     decoded = decode_video(job.source, cfg.video_backend)
     n, h, w = decoded.frames.shape[:3]
-    plan = plan_conform(n, decoded.fps, h, w, _spec(cfg), job.source)
+    plan = plan_conform(n, decoded.fps, h, w, video_spec(cfg), job.source)
     frames = conform_frames(decoded.frames, plan)
     masks = None
     use_png = cfg.masks == "png" or (cfg.masks == "auto" and job.mask_dir)
@@ -296,7 +297,9 @@ def prepare_dataset(out: str | Path, jobs: list[VideoJob], cfg: PrepareConfig, e
             for i in range(0, len(rel_jobs), n):
                 planned.append((relation, f"shards/{relation}-{i // n:06d}.tar", rel_jobs[i:i + n]))
         segmenter = _Segmenter(cfg, device)
-        pool = ProcessPoolExecutor(max_workers=cfg.workers) if cfg.workers > 0 else None
+        # spawned, single-threaded workers: a forked child of a process that already ran torch's OpenMP can hang
+        pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=torch.set_num_threads, initargs=(1,)) if cfg.workers > 0 else None
         bar = tqdm(total=len(jobs), desc="prepare", unit="video", dynamic_ncols=True)
         try:
             new_entries: dict[str, list[dict]] = {r: [] for r in by_relation}
