@@ -142,6 +142,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "checkpoints kept per relation (older ones are deleted)")
     seed: int = opt(0, "seed of every random stream (adapters, HMT draws, noise, data order, bank sampling)")
     deterministic: bool = opt(False, "deterministic kernels, so runs and resumed runs are bit-identical")
+    kernels: str = opt("auto", "fused loss/feature kernels: auto (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; "
+                               "torch otherwise), triton (required), torch (the plain references)")
     mixed_precision: str = opt("auto", "bf16 autocast: auto (on CUDA with bf16), bf16, or no")
     log_every: int = opt(1, "TensorBoard scalars every N steps (metrics.jsonl gets every step)")
     resume: bool = opt(False, "continue each relation from its latest checkpoint")
@@ -247,6 +249,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"model.attention_backend must be sdpa or reference, got {cfg.model.attention_backend!r}")
     if cfg.model.dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"model.dtype must be auto, fp32 or bf16, got {cfg.model.dtype!r}")
+    if cfg.train.kernels not in ("auto", "triton", "torch"):
+        raise ValueError(f"train.kernels must be auto, triton or torch, got {cfg.train.kernels!r}")
     if cfg.train.mixed_precision not in ("auto", "bf16", "no"):
         raise ValueError(f"train.mixed_precision must be auto, bf16 or no, got {cfg.train.mixed_precision!r}")
     if cfg.optim.schedule not in ("cosine", "constant"):

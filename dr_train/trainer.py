@@ -20,7 +20,8 @@ from dr_train.hmt import HybridMaskTraining
 from dr_train.lora import (adapter_names, adapter_parameters, adapter_state_dict, add_relation_lora_triplet,
                            export_inference_lora, load_adapter_state_dict, lora_named_parameters,
                            resolve_placement)
-from dr_train.losses import masked_flow_matching_loss, noisy_latents, relation_features, relational_contrastive_loss
+import kernels
+from dr_train.losses import noisy_latents, relational_contrastive_loss
 from dr_train.memory_bank import MemoryBank
 from dr_train.model import MochiComponents, load_mochi
 from dr_train.plots import plot_loss_curve
@@ -54,6 +55,7 @@ class RelationRun:
                  device: torch.device, dataset: Path):
         self.cfg, self.comps, self.relation, self.out_dir, self.device = cfg, comps, relation, out_dir, device
         self.transformer = comps.transformer
+        kernels.set_backend(None if cfg.train.kernels == "auto" else cfg.train.kernels)  # auto: $DR_TRAIN_KERNELS
         seed = cfg.train.seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream_seed(seed, relation.name, "adapters"))
@@ -108,10 +110,10 @@ class RelationRun:
                                     timestep=timestep, encoder_attention_mask=text_mask, return_dict=False)[0]
         mask = self.hmt.loss_mask(selection, batch["mask_subject1"].to(dev), batch["mask_subject2"].to(dev),
                                   cfg.loss.mode)
-        loss_rec = masked_flow_matching_loss(pred, target, mask, cfg.loss.mask_weight, cfg.loss.mode)
+        loss_rec = kernels.masked_flow_matching_loss(pred, target, mask, cfg.loss.mask_weight, cfg.loss.mode)
         loss_rcl, skipped = None, None
         if cfg.loss.rcl_weight > 0:
-            frame_means, dynamics = relation_features(pred)
+            frame_means, dynamics = kernels.relation_features(pred)
             positives, negatives, skipped = self.bank.sample(batch["video_ids"], dynamics, frame_means)
             if positives is not None:
                 loss_rcl = relational_contrastive_loss(dynamics, positives, negatives, cfg.loss.temperature)

@@ -21,6 +21,11 @@ def test_train_two_relations_from_the_command_line(tmp_path):
         assert sorted(p.name for p in (out / rel / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
         assert (out / rel / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert [r["relation"] for r in json.loads(proc.stdout)] == ["handshaking", "hugging"]
+    # the default data: synthetic clips rendered, ingested and sharded on first use, under the working directory
+    datasets = list((tmp_path / ".cache" / "dr_train").glob("synthetic-*/manifest.json"))
+    assert len(datasets) == 1
+    manifest = json.loads(datasets[0].read_text())
+    assert {r: v["samples"] for r, v in manifest["relations"].items()} == {"handshaking": 5, "hugging": 5}
 
 
 def test_user_errors_are_reported_without_a_traceback(tmp_path):

@@ -166,3 +166,26 @@ def test_command_line_synthetic_verify_and_sheet(tmp_path):
     assert proc.returncode == 1 and "pushing-000000.tar" in proc.stderr and "sha256" in proc.stderr
     proc = _run("ingest", "nope", "--out", "x", cwd=tmp_path)
     assert proc.returncode == 2 and "nope does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_grounding_sam_masks_when_a_clip_has_no_mask_folder(tmp_path, encoder):
+    """masks=auto without a PNG folder runs Grounding DINO + SAM (tiny random models from configs)."""
+    from test_segment import build_tiny_grounding_dino, build_tiny_sam
+
+    build_tiny_grounding_dino(tmp_path / "gdino")
+    build_tiny_sam(tmp_path / "sam")
+    videos = _videos(tmp_path / "videos", count=2)
+    for folder in (videos / "hugging").glob("*_masks"):
+        shutil.rmtree(folder)
+    jobs = discover_videos([videos], load_catalog(), "folders")
+    assert all(j.mask_dir == "" for j in jobs)
+    with pytest.raises(ValueError, match="prepare.grounding_dino / prepare.sam are not set"):
+        prepare_dataset(tmp_path / "none", jobs, _cfg("prepare.strict=true"), encoder)
+    cfg = _cfg(f"prepare.grounding_dino={tmp_path / 'gdino'}", f"prepare.sam={tmp_path / 'sam'}",
+               "prepare.box_threshold=0", "prepare.text_threshold=0")
+    summary = prepare_dataset(tmp_path / "ds", jobs, cfg, encoder)
+    assert summary["samples"] == 2 and summary["skipped"] == []
+    for shard in shard_io.load_manifest(tmp_path / "ds")["shards"]:
+        for sample in shard_io.read_shard(tmp_path / "ds" / shard["name"]):
+            assert sample.meta["mask_source"] == "grounding_sam"
+            assert sample.mask_subject1.shape == (2, 4, 6)

@@ -186,3 +186,22 @@ def test_resume_without_any_checkpoint_restarts_cleanly(tmp_path):
     (out / "metrics.jsonl").write_text('{"step": 1}\n')          # a crash before the first checkpoint
     train(cfg)
     assert [r["step"] for r in _metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_triton_kernels_in_the_trainer_match_the_torch_path(tmp_path, monkeypatch):
+    """The trainer's losses through the fused kernels (Triton interpreter on CPU) equal the torch references."""
+    import kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels.dispatch, "_override", None)      # restored afterwards: other tests see auto
+    losses = {}
+    for backend in ("torch", "triton"):
+        cfg = small_config(tmp_path / backend, **{"train.kernels": backend, "loss.bank_size": 4, "loss.n_pos": 1,
+                                                  "loss.n_neg": 2})
+        run = make_run(cfg, "hugging", tmp_path / backend / "r")
+        losses[backend] = [(r["loss_rec"], r["loss_rcl"]) for r in (run.train_step() for _ in range(5))]
+        run.close()
+    assert any(rcl is not None for _, rcl in losses["torch"])
+    for (rec_t, rcl_t), (rec_k, rcl_k) in zip(losses["torch"], losses["triton"]):
+        assert rec_k == pytest.approx(rec_t, rel=1e-5)
+        assert (rcl_t is None and rcl_k is None) or rcl_k == pytest.approx(rcl_t, rel=1e-4)
