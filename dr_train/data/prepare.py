@@ -290,59 +290,35 @@ def prepare_dataset(out: str | Path, jobs: list[VideoJob], cfg: PrepareConfig, e
         null_embed, null_mask = encoder.encode_text("")
         manifest["null_text"] = shard_io.NULL_TEXT
         manifest["null_text_sha256"] = shard_io.save_null_text(out, null_embed, null_mask)
-        existing = {s["name"]: s for s in manifest["shards"]}
+        entries = {s["name"]: s for s in manifest["shards"]}
         planned = []
         for relation, rel_jobs in by_relation.items():
             n = cfg.samples_per_shard
-            for i in range(0, len(rel_jobs), n):
-                planned.append((relation, f"shards/{relation}-{i // n:06d}.tar", rel_jobs[i:i + n]))
+            planned += [(relation, f"shards/{relation}-{i // n:06d}.tar", rel_jobs[i:i + n])
+                        for i in range(0, len(rel_jobs), n)]
+        for name in [name for name, e in entries.items() if e["relation"] in by_relation]:
+            if name not in {p[1] for p in planned}:       # the relation now has fewer shards
+                del entries[name]
+                (out / name).unlink(missing_ok=True)
         segmenter = _Segmenter(cfg, device)
         # spawned, single-threaded workers: a forked child of a process that already ran torch's OpenMP can hang
         pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=torch.set_num_threads, initargs=(1,)) if cfg.workers > 0 else None
         bar = tqdm(total=len(jobs), desc="prepare", unit="video", dynamic_ncols=True)
         try:
-            new_entries: dict[str, list[dict]] = {r: [] for r in by_relation}
             for relation, name, shard_jobs in planned:
                 fp = _fingerprint(shard_jobs, cfg, identity)
-                old = existing.get(name)
-                if old and old.get("fingerprint") == fp and (out / name).is_file() \
-                        and (out / name).stat().st_size == old["bytes"]:
-                    new_entries[relation].append(old)
+                if _intact(out, entries.get(name), fp):
                     summary["shards_kept"] += 1
-                    summary["samples"] += len(old["samples"])
-                    summary["skipped"] += old.get("skipped", [])
                     bar.update(len(shard_jobs))
-                    continue
-                samples, skipped = [], []
-                for job, clip, error in _clips(shard_jobs, cfg, pool):
-                    if clip is not None:
-                        try:
-                            if clip.masks is None:
-                                clip = segmenter(clip)
-                            samples.append(build_sample(clip, encoder, cfg))
-                        except ValueError as e:
-                            error = str(e)
-                    if error:
-                        if cfg.strict:
-                            raise ValueError(f"{job.source}: {error}" if job.source not in error else error)
-                        log.warning("skipped %s: %s", job.source, error)
-                        skipped.append({"source": job.source, "relation": relation, "reason": error})
-                    bar.update(1)
-                entry = {"name": name, "relation": relation, "fingerprint": fp, "skipped": skipped}
-                if samples:
-                    entry |= shard_io.write_shard(out / name, samples)
-                    new_entries[relation].append(entry)
-                    summary["samples"] += len(samples)
-                elif (out / name).exists():
-                    (out / name).unlink()
-                summary["shards_built"] += 1
-                summary["skipped"] += skipped
-                manifest = _updated(manifest, relation, new_entries[relation], by_relation, skipped_only=entry
-                                    if not samples else None)
+                else:
+                    entries[name] = _build_shard(out, name, relation, fp, shard_jobs, cfg, encoder, segmenter,
+                                                 pool, bar)
+                    summary["shards_built"] += 1
+                summary["samples"] += len(entries[name]["samples"])
+                summary["skipped"] += entries[name]["skipped"]
+                _record(manifest, entries, by_relation)
                 shard_io.save_manifest(out, manifest)
-            for relation in by_relation:
-                manifest = _updated(manifest, relation, new_entries[relation], by_relation)
             manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             shard_io.save_manifest(out, manifest)
         finally:
@@ -355,16 +331,50 @@ def prepare_dataset(out: str | Path, jobs: list[VideoJob], cfg: PrepareConfig, e
     return summary
 
 
-def _updated(manifest: dict, relation: str, entries: list[dict], by_relation: dict, skipped_only=None) -> dict:
-    """The manifest with `relation`'s shards replaced by `entries` (other relations untouched)."""
-    keep = [s for s in manifest["shards"] if s["relation"] != relation]
-    manifest["shards"] = sorted(keep + entries, key=lambda s: s["name"])
-    skipped = [s for e in entries for s in e.get("skipped", [])]
-    if skipped_only is not None:
-        skipped += skipped_only["skipped"]
-    others = [s for s in manifest.get("skipped", []) if s["relation"] != relation]
-    manifest["skipped"] = others + skipped
-    prompts = sorted({j.prompt for j in by_relation[relation]})
-    manifest["relations"][relation] = {"samples": sum(len(e["samples"]) for e in entries),
-                                       "shards": [e["name"] for e in entries], "prompts": prompts}
-    return manifest
+def _intact(out: Path, entry: dict | None, fingerprint: str) -> bool:
+    """A shard built from the same inputs whose file is still there (a shard whose clips were all skipped has
+    no file)."""
+    if entry is None or entry.get("fingerprint") != fingerprint:
+        return False
+    if not entry["samples"]:
+        return True
+    path = out / entry["name"]
+    return path.is_file() and path.stat().st_size == entry["bytes"]
+
+
+def _build_shard(out: Path, name: str, relation: str, fingerprint: str, jobs: list[VideoJob], cfg: PrepareConfig,
+                 encoder, segmenter, pool, bar) -> dict:
+    """Decode, mask and encode the shard's clips and write it; bad clips are logged and listed in the entry."""
+    samples, skipped = [], []
+    for job, clip, error in _clips(jobs, cfg, pool):
+        if clip is not None:
+            try:
+                if clip.masks is None:
+                    clip = segmenter(clip)
+                samples.append(build_sample(clip, encoder, cfg))
+            except ValueError as e:
+                error = str(e)
+        if error:
+            if cfg.strict:
+                raise ValueError(error if job.source in error else f"{job.source}: {error}")
+            log.warning("skipped %s: %s", job.source, error)
+            skipped.append({"source": job.source, "relation": relation, "reason": error})
+        bar.update(1)
+    entry = {"name": name, "relation": relation, "fingerprint": fingerprint, "skipped": skipped, "samples": [],
+             "bytes": 0, "sha256": None}
+    if samples:
+        entry |= shard_io.write_shard(out / name, samples)
+    else:
+        (out / name).unlink(missing_ok=True)
+    return entry
+
+
+def _record(manifest: dict, entries: dict[str, dict], by_relation: dict[str, list[VideoJob]]) -> None:
+    """Shards, per-relation counts and the skipped-video list of the manifest, from the shard entries."""
+    manifest["shards"] = [entries[name] for name in sorted(entries)]
+    manifest["skipped"] = [s for e in manifest["shards"] for s in e["skipped"]]
+    for relation, jobs in by_relation.items():
+        mine = [e for e in manifest["shards"] if e["relation"] == relation]
+        manifest["relations"][relation] = {"samples": sum(len(e["samples"]) for e in mine),
+                                           "shards": [e["name"] for e in mine if e["samples"]],
+                                           "prompts": sorted({j.prompt for j in jobs})}
