@@ -25,6 +25,7 @@ from dr_train.losses import noisy_latents, relational_contrastive_loss
 from dr_train.memory_bank import MemoryBank
 from dr_train.model import MochiComponents, load_mochi
 from dr_train.plots import plot_loss_curve
+from dr_train.profiling import PhaseTimer
 from dr_train.runtime import autocast_context, pick_device, set_determinism
 
 log = logging.getLogger("dr_train")
@@ -55,6 +56,7 @@ class RelationRun:
                  device: torch.device, dataset: Path):
         self.cfg, self.comps, self.relation, self.out_dir, self.device = cfg, comps, relation, out_dir, device
         self.transformer = comps.transformer
+        self.timer = PhaseTimer(enabled=False, device=device)
         kernels.set_backend(None if cfg.train.kernels == "auto" else cfg.train.kernels)  # auto: $DR_TRAIN_KERNELS
         seed = cfg.train.seed
         with torch.random.fork_rng(devices=[]):
@@ -96,54 +98,62 @@ class RelationRun:
         return embeds.to(self.device), mask.to(self.device)
 
     def micro_step(self, batch: dict, selection: str, scale: float) -> dict:
-        cfg, dev = self.cfg, self.device
-        mean = batch["latents_mean"]
-        std = torch.exp(0.5 * batch["latents_logvar"])
-        z0 = (mean + std * torch.randn(mean.shape, generator=self.noise_gen)).to(dev)
-        noise = torch.randn(mean.shape, generator=self.noise_gen).to(dev)
-        sigma = torch.rand(mean.shape[0], generator=self.noise_gen).to(dev)
-        text, text_mask = self._text(batch)
-        z_sigma, target, timestep = noisy_latents(z0, noise, sigma)
+        cfg, dev, phase = self.cfg, self.device, self.timer.phase
+        with phase("data"):
+            mean = batch["latents_mean"]
+            std = torch.exp(0.5 * batch["latents_logvar"])
+            z0 = (mean + std * torch.randn(mean.shape, generator=self.noise_gen)).to(dev)
+            noise = torch.randn(mean.shape, generator=self.noise_gen).to(dev)
+            sigma = torch.rand(mean.shape[0], generator=self.noise_gen).to(dev)
+            text, text_mask = self._text(batch)
+            z_sigma, target, timestep = noisy_latents(z0, noise, sigma)
+            mask = self.hmt.loss_mask(selection, batch["mask_subject1"].to(dev), batch["mask_subject2"].to(dev),
+                                      cfg.loss.mode)
         dtype = self.transformer.dtype
-        with autocast_context(dev, cfg.train.mixed_precision):
+        with phase("forward"), autocast_context(dev, cfg.train.mixed_precision):
             pred = self.transformer(hidden_states=z_sigma.to(dtype), encoder_hidden_states=text.to(dtype),
                                     timestep=timestep, encoder_attention_mask=text_mask, return_dict=False)[0]
-        mask = self.hmt.loss_mask(selection, batch["mask_subject1"].to(dev), batch["mask_subject2"].to(dev),
-                                  cfg.loss.mode)
-        loss_rec = kernels.masked_flow_matching_loss(pred, target, mask, cfg.loss.mask_weight, cfg.loss.mode)
-        loss_rcl, skipped = None, None
-        if cfg.loss.rcl_weight > 0:
-            frame_means, dynamics = kernels.relation_features(pred)
-            positives, negatives, skipped = self.bank.sample(batch["video_ids"], dynamics, frame_means)
-            if positives is not None:
-                loss_rcl = relational_contrastive_loss(dynamics, positives, negatives, cfg.loss.temperature)
-        loss = loss_rec if loss_rcl is None else loss_rec + cfg.loss.rcl_weight * loss_rcl
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"relation {self.relation.name}, step {self.step + 1}: loss is {loss.item()} (rec "
-                f"{loss_rec.item()}, rcl {None if loss_rcl is None else loss_rcl.item()}) on videos "
-                f"{batch['video_ids']}; weights were not updated. Last checkpoint: {self.last_checkpoint}")
-        (loss * scale).backward()
+        with phase("loss"):
+            loss_rec = kernels.masked_flow_matching_loss(pred, target, mask, cfg.loss.mask_weight, cfg.loss.mode)
+            loss_rcl, skipped = None, None
+            if cfg.loss.rcl_weight > 0:
+                frame_means, dynamics = kernels.relation_features(pred)
+                positives, negatives, skipped = self.bank.sample(batch["video_ids"], dynamics, frame_means)
+                if positives is not None:
+                    loss_rcl = relational_contrastive_loss(dynamics, positives, negatives, cfg.loss.temperature)
+            loss = loss_rec if loss_rcl is None else loss_rec + cfg.loss.rcl_weight * loss_rcl
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"relation {self.relation.name}, step {self.step + 1}: loss is {loss.item()} (rec "
+                    f"{loss_rec.item()}, rcl {None if loss_rcl is None else loss_rcl.item()}) on videos "
+                    f"{batch['video_ids']}; weights were not updated. Last checkpoint: {self.last_checkpoint}")
+        with phase("backward"):
+            (loss * scale).backward()
         if cfg.loss.rcl_weight > 0:
             self.bank.push(batch["video_ids"], dynamics, frame_means)
         return {"loss": loss.item(), "loss_rec": loss_rec.item(),
                 "loss_rcl": None if loss_rcl is None else loss_rcl.item(), "rcl_skipped": skipped,
                 "sigma": sigma.mean().item(), "videos": batch["video_ids"]}
 
+    def next_batch(self) -> dict:
+        with self.timer.phase("data"):
+            return self.stream.next_batch()
+
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         selection = self.hmt.draw()
         updated = self.hmt.apply(self.params_by_adapter, selection)
         accum = self.cfg.train.grad_accum
-        parts = [self.micro_step(self.stream.next_batch(), selection, 1.0 / accum) for _ in range(accum)]
+        parts = [self.micro_step(self.next_batch(), selection, 1.0 / accum) for _ in range(accum)]
         params = [p for a in updated for p in self.params_by_adapter[a]]
         grad_norm = None
-        if self.cfg.optim.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timer.phase("optimizer"):
+            if self.cfg.optim.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         rcl = [p["loss_rcl"] for p in parts if p["loss_rcl"] is not None]
         skipped = next((p["rcl_skipped"] for p in parts if p["rcl_skipped"]), None)
