@@ -1,52 +1,52 @@
-"""The streaming loader: rank x worker splits, determinism, bucketing, relation filter, exact resume."""
+"""The streaming loader: global batches split by rank and worker, determinism, bucketing, filter, exact resume."""
 from collections import Counter
 
 import pytest
 import torch
 
 from data_helpers import CHANNELS, fake_dataset
-from dr_train.data.loader import ShardStream, epoch_batches, dataset_refs
+from dr_train.data.loader import ShardStream, dataset_refs, epoch_batches
 from dr_train.data.shards import load_manifest
 
 
-def _epoch0(stream: ShardStream, max_batches: int = 200) -> list[str]:
-    """Keys this rank delivers from epoch 0 (the stream is endless: read until every worker is past epoch 0)."""
-    keys, past = [], set()
-    for _ in range(max_batches):
-        batch = stream.next_batch()
-        if batch["epoch"] == 0:
-            keys += batch["video_ids"]
-        else:
-            past.add(stream.delivered % max(1, stream.workers))
-            if len(past) == max(1, stream.workers):
-                break
+def _keys(stream: ShardStream, batches: int) -> list[list[str]]:
+    out = [stream.next_batch()["video_ids"] for _ in range(batches)]
     stream.close()
-    return keys
+    return out
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path, batch_size):
-    root = fake_dataset(tmp_path / "ds", {"hugging": 11, "kicking": 5}, per_shard=3)
-    seen = []
-    for rank in range(2):
-        stream = ShardStream(root, ["hugging"], batch_size, seed=7, rank=rank, world_size=2, num_workers=2)
-        assert stream.workers == 2
-        seen += _epoch0(stream)
-    assert Counter(seen) == Counter(f"hugging__{i:04d}" for i in range(11))    # none lost, none twice
+@pytest.mark.parametrize("samples", [12, 11])
+def test_two_ranks_two_workers_lose_and_repeat_nothing(tmp_path, samples):
+    """Every `samples` consecutive samples of the global stream hold each sample exactly once."""
+    root = fake_dataset(tmp_path / "ds", {"hugging": samples, "kicking": 5}, per_shard=3)
+    per_rank = [_keys(ShardStream(root, ["hugging"], 1, seed=7, rank=r, world_size=2, num_workers=2), samples)
+                for r in range(2)]
+    stream = [k for step in zip(*per_rank) for b in step for k in b]          # global order: step, then rank
+    for start in range(0, len(stream) - samples + 1, samples):
+        assert Counter(stream[start:start + samples]) == Counter(f"hugging__{i:04d}" for i in range(samples))
 
 
-def test_ranks_get_disjoint_runs_and_the_plan_is_seeded(tmp_path):
+def test_ranks_see_the_samples_of_a_one_rank_run_with_the_global_batch(tmp_path):
+    root = fake_dataset(tmp_path / "ds", {"hugging": 10}, per_shard=4)
+    one = _keys(ShardStream(root, ["hugging"], 4, seed=3), 8)
+    ranks = [_keys(ShardStream(root, ["hugging"], 2, seed=3, rank=r, world_size=2, num_workers=r), 8)
+             for r in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == one
+
+
+def test_the_worker_count_does_not_change_the_stream(tmp_path):
+    root = fake_dataset(tmp_path / "ds", {"hugging": 7}, per_shard=2)
+    want = _keys(ShardStream(root, None, 2, seed=1), 12)
+    for workers in (1, 2, 3):
+        assert _keys(ShardStream(root, None, 2, seed=1, num_workers=workers), 12) == want
+
+
+def test_the_plan_is_seeded(tmp_path):
     root = fake_dataset(tmp_path / "ds", {"hugging": 12}, per_shard=4)
     refs = dataset_refs(root, load_manifest(root), ["hugging"])
-    a = [[r.key for r in b] for b in epoch_batches(refs, 2, seed=3, epoch=0)]
-    assert a == [[r.key for r in b] for b in epoch_batches(refs, 2, seed=3, epoch=0)]
-    assert a != [[r.key for r in b] for b in epoch_batches(refs, 2, seed=3, epoch=1)]
-    assert a != [[r.key for r in b] for b in epoch_batches(refs, 2, seed=4, epoch=0)]
-    r0 = ShardStream(root, None, 2, seed=3, rank=0, world_size=2)
-    r1 = ShardStream(root, None, 2, seed=3, rank=1, world_size=2)
-    k0 = [k for _ in range(3) for k in r0.next_batch()["video_ids"]]
-    k1 = [k for _ in range(3) for k in r1.next_batch()["video_ids"]]
-    assert not set(k0) & set(k1) and len(set(k0 + k1)) == 12
+    plan = lambda seed, epoch: [[r.key for r in b] for b in epoch_batches(refs, 2, seed, epoch)[0]]  # noqa: E731
+    assert plan(3, 0) == plan(3, 0)
+    assert plan(3, 0) != plan(3, 1) and plan(3, 0) != plan(4, 0)
 
 
 def test_batches_hold_tensors_of_the_right_shapes(tmp_path):
@@ -66,18 +66,21 @@ def test_relation_filter_and_unknown_relation(tmp_path):
         ShardStream(root, ["moonwalking"], 1)
 
 
-def test_bucketing_keeps_one_latent_shape_per_batch(tmp_path):
-    shapes = lambda i: (CHANNELS, 2 if i % 3 else 3, 4, 6)  # noqa: E731  two frame counts
+def test_bucketing_keeps_one_latent_shape_per_batch_and_carries_leftovers(tmp_path):
+    shapes = lambda i: (CHANNELS, 2 if i % 3 else 3, 4, 6)  # noqa: E731  8 clips of 2 frames, 4 of 3 frames
     root = fake_dataset(tmp_path / "ds", {"hugging": 12}, per_shard=5, shapes=shapes)
-    stream = ShardStream(root, ["hugging"], 2, seed=1)
-    seen = []
+    stream = ShardStream(root, ["hugging"], 3, seed=1)
+    keys = []
     while True:
         batch = stream.next_batch()
-        if batch["epoch"] > 0:
+        if batch["epoch"] == 2:
             break
-        assert len({tuple(t.shape) for t in batch["latents_mean"]}) == 1
-        seen += batch["video_ids"]
-    assert sorted(seen) == [f"hugging__{i:04d}" for i in range(12)]
+        assert len({tuple(t.shape) for t in batch["latents_mean"]}) == 1 and len(batch["video_ids"]) == 3
+        keys += batch["video_ids"]
+    counts = Counter(keys)
+    # epochs 0 and 1: every clip twice, except those carried into epoch 2 (at most 2 per shape)
+    assert set(counts) == {f"hugging__{i:04d}" for i in range(12)} and set(counts.values()) <= {1, 2}
+    assert sum(c == 1 for c in counts.values()) <= 4 and len(keys) % 3 == 0
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -91,7 +94,7 @@ def test_resume_continues_the_exact_stream(tmp_path, workers):
         first.next_batch()
     state = first.state_dict()
     first.close()
-    resumed = ShardStream(root, ["hugging"], 2, seed=5, num_workers=workers)
+    resumed = ShardStream(root, ["hugging"], 2, seed=5, num_workers=2 - workers)     # other worker count too
     resumed.load_state_dict(state)
     for want in expected[4:]:
         got = resumed.next_batch()
@@ -100,27 +103,39 @@ def test_resume_continues_the_exact_stream(tmp_path, workers):
     resumed.close()
 
 
-def test_a_changed_layout_restarts_the_epoch_with_a_warning(tmp_path, caplog):
+def test_two_rank_state_resumes_on_one_rank_with_the_same_global_batch(tmp_path):
+    root = fake_dataset(tmp_path / "ds", {"hugging": 9}, per_shard=4)
+    ranks = [ShardStream(root, None, 1, seed=2, rank=r, world_size=2) for r in range(2)]
+    for _ in range(5):
+        for s in ranks:
+            s.next_batch()
+    one = ShardStream(root, None, 2, seed=2)
+    one.load_state_dict(ranks[0].state_dict())
+    want = [a + b for a, b in zip(*[_keys(s, 4) for s in ranks])]
+    assert _keys(one, 4) == want
+
+
+def test_a_changed_global_batch_restarts_the_epoch_with_a_warning(tmp_path, caplog):
     root = fake_dataset(tmp_path / "ds", {"hugging": 8}, per_shard=4)
-    two_ranks = ShardStream(root, ["hugging"], 1, seed=2, rank=0, world_size=2)
-    for _ in range(6):                                 # 6 of this rank's 4 per epoch: epoch 1 of the global stream
-        two_ranks.next_batch()
-    one_rank = ShardStream(root, ["hugging"], 1, seed=2)
+    two = ShardStream(root, ["hugging"], 2, seed=2)
+    for _ in range(6):                                         # 12 samples: inside epoch 1
+        two.next_batch()
+    one = ShardStream(root, ["hugging"], 1, seed=2)
     with caplog.at_level("WARNING", logger="dr_train"):
-        one_rank.load_state_dict(two_ranks.state_dict())
-    assert "world_size" in caplog.text and "epoch 1" in caplog.text
-    assert one_rank.next_batch()["epoch"] == 1
+        one.load_state_dict(two.state_dict())
+    assert "global_batch" in caplog.text and "epoch 1" in caplog.text
+    assert one.next_batch()["epoch"] == 1
 
 
-def test_too_few_samples_for_the_ranks_is_an_error(tmp_path):
+def test_too_few_samples_for_a_global_batch_is_an_error(tmp_path):
     root = fake_dataset(tmp_path / "ds", {"hugging": 1})
-    with pytest.raises(ValueError, match="fewer batches of 1 than the 2 ranks"):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         ShardStream(root, ["hugging"], 1, rank=0, world_size=2)
 
 
 def test_resampled_epochs_draw_shards_with_replacement(tmp_path):
     root = fake_dataset(tmp_path / "ds", {"hugging": 12}, per_shard=2)
     refs = dataset_refs(root, load_manifest(root), None)
-    draws = [Counter(b[0].shard for b in epoch_batches(refs, 1, seed=0, epoch=e, resampled=True)) for e in range(5)]
+    draws = [Counter(b[0].shard for b in epoch_batches(refs, 1, 0, e, resampled=True)[0]) for e in range(5)]
     assert any(max(c.values()) > 2 for c in draws)          # some shard drawn twice in an epoch
     assert all(sum(c.values()) == 12 for c in draws)

@@ -1,13 +1,17 @@
-"""The streaming loader the trainer consumes: shards split by rank and worker, seeded, resumable.
+"""The streaming loader the trainer consumes: global batches split by rank and worker, seeded, resumable.
 
-Every epoch has a plan computed from the manifest alone (no data read): the relation's shards in a seeded order
-(or, with `resampled`, drawn with replacement), each shard's samples in a seeded order, grouped into batches of
-one latent shape (bucketing, for datasets whose clips differ in frame count or size). The plan's batches are
-cut into contiguous runs, one per rank, and each rank's run into one per DataLoader worker, so a worker streams
-only the shards it needs. A worker reads a shard once, sequentially, and keeps the samples its next batches use.
+The stream is an endless sequence of *global* batches planned from the manifest alone (no data read): each
+epoch, the relation's shards in a seeded order (or, with `resampled`, drawn with replacement) and each shard's
+samples in a seeded order, grouped into batches of `batch_size x world_size` samples of one latent shape
+(bucketing, for clips that differ in frame count or size). Samples that do not fill a batch at the end of an
+epoch open the next epoch's batches, so no sample is lost or repeated (with one latent shape, each run of
+`len(dataset)` samples from the start of the stream holds every sample once). Rank r trains on slice r of every global batch, so a run on N ranks sees exactly
+the samples of a 1-rank run with an N times larger batch. Global batch k is read by DataLoader worker
+k mod W, which hands batches over round-robin: the delivered order is the plan's order for any worker count.
 
-The state is the number of batches this rank has delivered; the DataLoader hands batches over round-robin, so
-that number fixes each worker's position, and a resumed stream continues with the exact next batch.
+A worker reads each shard it needs once per epoch, sequentially (WebDataset's tar reader), keeping only the
+samples its next batches use. The state is the number of global batches delivered; a resumed stream continues
+with the exact next batch on any number of ranks and workers, as long as the global batch size is unchanged.
 """
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from itertools import count
 from pathlib import Path
 from typing import Iterator
 
@@ -51,37 +54,55 @@ def dataset_refs(root: Path, manifest: dict, relations: list[str] | None = None)
     return refs
 
 
-def epoch_batches(refs: list[SampleRef], batch_size: int, seed: int, epoch: int,
-                  resampled: bool = False) -> list[list[SampleRef]]:
-    """The whole epoch's batches, the same on every rank and worker."""
+def epoch_batches(refs: list[SampleRef], global_batch: int, seed: int, epoch: int, resampled: bool = False,
+                  carry: list[SampleRef] = ()) -> tuple[list[list[SampleRef]], list[SampleRef]]:
+    """(the epoch's full global batches, the samples left to open the next epoch). `carry` opens this one."""
     rng = np.random.Generator(np.random.PCG64([seed & 0xFFFFFFFF, epoch]))
     by_shard: dict[str, list[SampleRef]] = {}
     for r in refs:
         by_shard.setdefault(r.shard, []).append(r)
     shards = list(by_shard)
     picks = rng.integers(0, len(shards), len(shards)) if resampled else rng.permutation(len(shards))
-    open_batches: dict[tuple, list[SampleRef]] = {}
-    batches = []
+    sequence = list(carry)
     for si in picks:
         samples = by_shard[shards[int(si)]]
-        for i in rng.permutation(len(samples)):
-            ref = samples[int(i)]
-            bucket = open_batches.setdefault(ref.latent_shape, [])
-            bucket.append(ref)
-            if len(bucket) == batch_size:
-                batches.append(open_batches.pop(ref.latent_shape))
-    batches.extend(b for b in open_batches.values() if b)      # last, partial batch of each shape
-    return batches
+        sequence += [samples[int(i)] for i in rng.permutation(len(samples))]
+    open_batches: dict[tuple, list[SampleRef]] = {}
+    batches = []
+    for ref in sequence:
+        bucket = open_batches.setdefault(ref.latent_shape, [])
+        bucket.append(ref)
+        if len(bucket) == global_batch:
+            batches.append(open_batches.pop(ref.latent_shape))
+    return batches, [r for b in open_batches.values() for r in b]
 
 
-def contiguous_part(items: list, parts: int, index: int) -> list:
-    lo, hi = index * len(items) // parts, (index + 1) * len(items) // parts
-    return items[lo:hi]
+class StreamPlan:
+    """The endless sequence of global batches, epoch by epoch (memoised; each epoch depends on the last's carry)."""
 
+    def __init__(self, refs: list[SampleRef], global_batch: int, seed: int, resampled: bool):
+        self.refs, self.global_batch, self.seed, self.resampled = refs, global_batch, seed, resampled
+        self.epochs: list[list[list[SampleRef]]] = []
+        self.starts: list[int] = []          # global index of each epoch's first batch
+        self._carry: list[SampleRef] = []
 
-def worker_skip(delivered: int, workers: int, worker: int) -> int:
-    """Batches worker `worker` had handed over when the rank had delivered `delivered` (round-robin order)."""
-    return len(range(worker, delivered, workers))
+    def _extend(self) -> None:
+        e = len(self.epochs)
+        batches, self._carry = epoch_batches(self.refs, self.global_batch, self.seed, e, self.resampled,
+                                             self._carry)
+        self.starts.append(self.starts[-1] + len(self.epochs[-1]) if self.epochs else 0)
+        self.epochs.append(batches)
+
+    def locate(self, k: int) -> tuple[int, int]:
+        """(epoch, index within it) of global batch k."""
+        while not self.epochs or k >= self.starts[-1] + len(self.epochs[-1]):
+            self._extend()
+        e = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return e, k - self.starts[e]
+
+    def batch(self, k: int) -> tuple[int, list[SampleRef]]:
+        e, i = self.locate(k)
+        return e, self.epochs[e][i]
 
 
 def collate(samples: list, epoch: int) -> dict:
@@ -95,38 +116,33 @@ def collate(samples: list, epoch: int) -> dict:
 
 
 class _RankBatches(IterableDataset):
-    """One rank's endless batch stream, split over DataLoader workers."""
+    """One rank's slice of the global batches from index `start` on; worker w takes start + w, + W, ..."""
 
-    def __init__(self, refs, batch_size, seed, rank, world_size, workers, resampled, start_epoch, delivered,
-                 text_shape_, latent_channels):
-        self.refs, self.batch_size, self.seed = refs, batch_size, seed
-        self.rank, self.world_size, self.workers, self.resampled = rank, world_size, workers, resampled
-        self.start_epoch, self.delivered = start_epoch, delivered
+    def __init__(self, plan: StreamPlan, batch_size: int, rank: int, workers: int, start: int, text_shape_,
+                 latent_channels):
+        self.plan, self.batch_size, self.rank, self.workers, self.start = plan, batch_size, rank, workers, start
         self.text_shape, self.latent_channels = text_shape_, latent_channels
 
-    def worker_batches(self, epoch: int, worker: int) -> list[list[SampleRef]]:
-        plan = epoch_batches(self.refs, self.batch_size, self.seed, epoch, self.resampled)
-        return contiguous_part(contiguous_part(plan, self.world_size, self.rank), self.workers, worker)
+    def _slice(self, k: int) -> tuple[int, list[SampleRef]]:
+        epoch, batch = self.plan.batch(k)
+        return epoch, batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        assert (info.num_workers if info is not None else 1) == self.workers
-        skip = worker_skip(self.delivered, self.workers, worker)
-        for epoch in count(self.start_epoch):
-            batches = self.worker_batches(epoch, worker)
-            if not batches:
-                raise RuntimeError(f"rank {self.rank} worker {worker} has no batch in epoch {epoch}")
-            if skip >= len(batches):
-                skip -= len(batches)
-                continue
-            batches, skip = batches[skip:], 0
-            yield from self._read(batches, epoch)
+        k = self.start + worker
+        while True:
+            # this worker's batches up to the end of k's epoch: one read of each shard they need
+            epoch, _ = self.plan.locate(k)
+            end = self.plan.starts[epoch] + len(self.plan.epochs[epoch])
+            ks = list(range(k, end, self.workers))
+            yield from self._read([self._slice(j) for j in ks])
+            k = ks[-1] + self.workers
 
-    def _read(self, batches: list[list[SampleRef]], epoch: int) -> Iterator[dict]:
-        uses = Counter(r for b in batches for r in b)
+    def _read(self, batches: list[tuple[int, list[SampleRef]]]) -> Iterator[dict]:
+        uses = Counter(r for _, b in batches for r in b)
         loaded: dict[SampleRef, object] = {}
-        for batch in batches:
+        for epoch, batch in batches:
             for ref in batch:
                 if ref not in loaded:
                     wanted = {r.key: r for r in uses if r.shard == ref.shard and r not in loaded}
@@ -143,7 +159,7 @@ class _RankBatches(IterableDataset):
 
 
 class ShardStream:
-    """An endless stream of batches for one rank: `next_batch()`, `state_dict()`, `load_state_dict()`."""
+    """An endless stream of batches for one rank: `next_batch()`, `state_dict()`, `load_state_dict()`, `close()`."""
 
     def __init__(self, root: str | Path, relations: list[str] | None, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, resampled: bool = False):
@@ -154,22 +170,18 @@ class ShardStream:
         self.manifest = load_manifest(self.root)
         self.refs = dataset_refs(self.root, self.manifest, relations)
         self.batch_size, self.seed, self.resampled = batch_size, seed, resampled
-        self.rank, self.world_size = rank, world_size
-        per_rank = len(epoch_batches(self.refs, batch_size, seed, 0, resampled)) // world_size
-        if per_rank < 1:
-            raise ValueError(f"dataset {self.root} gives {len(self.refs)} samples for {relations or 'all relations'}"
-                             f": fewer batches of {batch_size} than the {world_size} ranks that need one each")
-        self.workers = min(num_workers, per_rank) if num_workers else 0
-        if num_workers > self.workers:
-            log.info("loader: %d batches per rank and epoch, so %d workers instead of %d", per_rank, self.workers,
-                     num_workers)
-        self.start_epoch, self.delivered = 0, 0
+        self.rank, self.world_size, self.workers = rank, world_size, num_workers
+        self.global_batch = batch_size * world_size
+        if len(self.refs) < self.global_batch:
+            raise ValueError(f"dataset {self.root} has {len(self.refs)} samples of {relations or 'all relations'}: "
+                             f"fewer than one global batch ({batch_size} per rank x {world_size} ranks)")
+        self.plan = StreamPlan(self.refs, self.global_batch, seed, resampled)
+        self.delivered = 0
         self._iter = None
         self.null_text = load_null_text(self.root, self.manifest)
 
     def _make_iter(self):
-        dataset = _RankBatches(self.refs, self.batch_size, self.seed, self.rank, self.world_size,
-                               max(1, self.workers), self.resampled, self.start_epoch, self.delivered,
+        dataset = _RankBatches(self.plan, self.batch_size, self.rank, max(1, self.workers), self.delivered,
                                text_shape(self.manifest), self.manifest["encoder"].get("latent_channels"))
         if self.workers == 0:
             return iter(dataset)
@@ -190,25 +202,26 @@ class ShardStream:
         self._iter = None
 
     def _layout(self) -> dict:
-        return {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
-                "rank": self.rank, "workers": self.workers, "resampled": self.resampled,
+        return {"seed": self.seed, "global_batch": self.global_batch, "resampled": self.resampled,
                 "samples": hashlib.sha256("\n".join(r.key for r in self.refs).encode()).hexdigest()[:16]}
 
     def state_dict(self) -> dict:
-        return {"start_epoch": self.start_epoch, "delivered": self.delivered, **self._layout()}
+        return {"delivered": self.delivered, **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
         layout = self._layout()
         saved = {k: state.get(k) for k in layout}
+        self.close()
         if saved == layout:
-            self.start_epoch, self.delivered = int(state["start_epoch"]), int(state["delivered"])
-        else:
-            # another rank/worker layout or dataset: the exact position cannot carry over; restart the epoch
-            seen = int(state.get("delivered", 0)) * int(state.get("batch_size") or 1) * \
-                int(state.get("world_size") or 1)
-            epoch = int(state.get("start_epoch", 0)) + seen // max(1, len(self.refs))
-            changed = sorted(k for k in layout if saved[k] != layout[k])
-            log.warning("data stream: %s changed since the checkpoint; continuing from the start of epoch %d",
-                        ", ".join(changed), epoch)
-            self.start_epoch, self.delivered = epoch, 0
-        self._iter = None
+            self.delivered = int(state["delivered"])
+            return
+        # another global batch size, seed or dataset: the exact position cannot carry over; restart its epoch
+        seen = int(state.get("delivered", 0)) * int(state.get("global_batch") or 1)
+        epoch = seen // len(self.refs)
+        self.plan.locate(0)
+        while len(self.plan.starts) <= epoch:
+            self.plan.locate(self.plan.starts[-1] + len(self.plan.epochs[-1]))
+        changed = sorted(k for k in layout if saved[k] != layout[k])
+        log.warning("data stream: %s changed since the checkpoint; continuing from the start of epoch %d",
+                    ", ".join(changed), epoch)
+        self.delivered = self.plan.starts[epoch]
