@@ -130,6 +130,20 @@ class PrepareConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Ranks and DeepSpeed. Launch with `deepspeed launch/train.py ...`, `torchrun --nproc_per_node N
+    launch/train.py ...` or as one process; multi-node: `deepspeed --hostfile hosts launch/train.py ...`."""
+    engine: str = opt("auto", "auto (DeepSpeed when zero_stage > 0 or offloading, else plain torch), deepspeed, "
+                              "torch (LoRA gradients averaged over ranks, no sharding)")
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage: 0, 1 or 2 (shard the LoRA optimizer state and gradients), "
+                             "3 (also shard the frozen backbone's parameters across ranks)")
+    offload_optimizer: bool = opt(False, "ZeRO: keep the optimizer state in CPU memory")
+    offload_params: bool = opt(False, "ZeRO-3: keep the backbone's parameters in CPU memory")
+    backend: str = opt("auto", "process-group backend: auto (nccl with CUDA, gloo otherwise), nccl, gloo")
+    timeout_minutes: int = opt(30, "timeout of collective operations")
+
+
+@dataclass
 class TrainConfig:
     """The training loop."""
     relations: list = opt(["handshaking", "high_five"], "relations to train, by catalog name ('all' = every "
@@ -159,6 +173,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -265,6 +280,16 @@ def validate(cfg: Config) -> None:
         raise ValueError("loss.n_pos, loss.n_neg and loss.bank_size must be >= 1")
     if not 0.0 <= cfg.data.caption_dropout <= 1.0:
         raise ValueError(f"data.caption_dropout must be in [0, 1], got {cfg.data.caption_dropout}")
+    d = cfg.distributed
+    if d.engine not in ("auto", "deepspeed", "torch") or d.backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"distributed.engine must be auto, deepspeed or torch and distributed.backend auto, nccl "
+                         f"or gloo; got {d.engine!r}, {d.backend!r}")
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}")
+    if d.offload_params and d.zero_stage != 3:
+        raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
+    if d.engine == "torch" and (d.zero_stage or d.offload_optimizer or d.offload_params):
+        raise ValueError("distributed.engine torch cannot shard or offload: use deepspeed (or auto)")
     if cfg.data.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     pr = cfg.prepare

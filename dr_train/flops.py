@@ -24,12 +24,15 @@ gradient, 1x its forward) and only where its input needs a gradient, i.e. downst
 before block 0's attention (embeddings, block 0's Q/K/V projections) and no adaLN modulation linear (they read the
 timestep embedding, which needs no gradient) has a backward. A LoRA adapter (A: in -> r, B: r -> out) costs
 2 rows r (in + out) forward; backward adds the input gradients of B and A (where needed) and the weight gradients
-of the adapters updated this step (HMT marks the others requires_grad=False; they still run forward). Attention
-backward is `attention_backward_factor` x its forward: 2.0 counts the four products of the textbook backward
-(dV, dP, dQ, dK; the convention for model FLOPs / MFU); FlashAttention and memory-efficient kernels also recompute
-QK^T (2.5, what `torch.utils.flop_counter` charges them). With gradient checkpointing every transformer block
-runs its forward once more in the backward pass (`recompute`; the PaLM convention leaves it out of MFU and in
-"hardware FLOPs").
+of the adapters updated this step (HMT marks the others requires_grad=False; they still run forward).
+Attention backward (`attention_backward`): "math" (default) counts the four products of the textbook backward,
+each half a forward (dV = P^T dO where V needs a gradient, dP = dO V^T where Q or K does, dQ = dS K, dK = dS^T Q),
+which is 2x the forward when Q, K and V all need gradients (every block but block 0 when some adapters are not
+updated this step): the convention for model FLOPs and MFU, and exactly what autograd runs through the math SDPA
+backend. "fused": FlashAttention / memory-efficient / cuDNN kernels compute QK^T again and all three gradients
+whenever any is needed, 2.5x (what `torch.utils.flop_counter` charges them). With gradient checkpointing every
+transformer block runs its forward once more in the backward pass (`recompute`; the PaLM convention leaves it out
+of MFU and counts it in "hardware FLOPs").
 
 Checked against `torch.utils.flop_counter.FlopCounterMode` on the tiny preset in tests/test_profile_step.py (exact
 with the math SDPA backend; on CPU the fused SDPA kernel is not counted by FlopCounterMode at all).
@@ -174,7 +177,7 @@ def _lora_key(module: str) -> str:
 
 def count_flops(model_or_config: Any, latent_shape: Iterable[int], text_tokens: int, lora=None,
                 training: bool = False, trainable: Iterable[str] | None = None,
-                gradient_checkpointing: bool = False, attention_backward_factor: float = 2.0,
+                gradient_checkpointing: bool = False, attention_backward: str = "math",
                 attention_text_tokens: int | None = None) -> FlopCount:
     """FLOPs of one forward (training=False) or one training micro-step of a MochiTransformer3DModel.
 
@@ -183,7 +186,9 @@ def count_flops(model_or_config: Any, latent_shape: Iterable[int], text_tokens: 
     (default L: the `sdpa` backend attends over the padded length; diffusers' `reference` processor drops padding,
     so pass the valid count there). lora: a LoRAConfig (or {'rank', 'placement'}) for the relation LoRA triplet, or
     None. trainable: adapters whose weights get gradients (default: every adapter of the placement; under HMT the
-    step's selection). See the module docstring for the model of the backward."""
+    step's selection). attention_backward: 'math' or 'fused' (see the module docstring for the backward model)."""
+    if attention_backward not in ("math", "fused"):
+        raise ValueError(f"attention_backward must be 'math' or 'fused', got {attention_backward!r}")
     dims = MochiDims.of(model_or_config)
     B, C, F, H, W = (int(v) for v in latent_shape)
     p = dims.patch_size
@@ -265,10 +270,14 @@ def count_flops(model_or_config: Any, latent_shape: Iterable[int], text_tokens: 
                 out.attention += attn
                 block_fwd += attn
                 add("blocks.attention", attn)
-                g_attn = any(needs_out[f"attn1.{n}"] for n in ("to_q", "to_k", "to_v", "add_q_proj",
-                                                                 "add_k_proj", "add_v_proj"))
+                need = {x: needs_out[f"attn1.to_{x}"] or needs_out[f"attn1.add_{x}_proj"] for x in "qkv"}
+                g_attn = any(need.values())
                 if training and g_attn:
-                    out.attention_backward += int(round(attention_backward_factor * attn))
+                    if attention_backward == "fused":      # QK^T again, then dV, dP, dQ, dK regardless
+                        products = 5
+                    else:                                  # dV = P^T dO; dP = dO V^T; dQ = dS K; dK = dS^T Q
+                        products = need["v"] + (need["q"] or need["k"]) + need["q"] + need["k"]
+                    out.attention_backward += products * attn // 2
                 needs_out["attention"] = g_attn
             # residual streams pick up the gradient requirement of what is added to them
             if name == "attn1.to_out.0" or name == "ff.net.2":
@@ -299,12 +308,11 @@ def forward_flops(model_or_config: Any, latent_shape: Iterable[int], text_tokens
 
 def training_flops(model_or_config: Any, latent_shape: Iterable[int], text_tokens: int, lora=None,
                    trainable: Iterable[str] | None = None, gradient_checkpointing: bool = False,
-                   attention_backward_factor: float = 2.0,
-                   attention_text_tokens: int | None = None) -> FlopCount:
+                   attention_backward: str = "math", attention_text_tokens: int | None = None) -> FlopCount:
     """FLOPs of one training micro-step (forward, backward, and checkpointing's recompute). See `count_flops`."""
     return count_flops(model_or_config, latent_shape, text_tokens, lora, training=True, trainable=trainable,
                        gradient_checkpointing=gradient_checkpointing,
-                       attention_backward_factor=attention_backward_factor,
+                       attention_backward=attention_backward,
                        attention_text_tokens=attention_text_tokens)
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from dr_train import checkpoint as ckpt
 from dr_train.catalog import Relation, load_catalog, select_relations
 from dr_train.config import Config
+from dr_train.distributed import Dist, build_engine, init_distributed, make_optimizer, shutdown, uses_deepspeed
 from dr_train.data.loader import ShardStream
 from dr_train.data.sources import check_dataset_matches_model, resolve_dataset
 from dr_train.hmt import HybridMaskTraining
@@ -26,7 +27,7 @@ from dr_train.memory_bank import MemoryBank
 from dr_train.model import MochiComponents, load_mochi
 from dr_train.plots import plot_loss_curve
 from dr_train.profiling import PhaseTimer
-from dr_train.runtime import autocast_context, pick_device, set_determinism
+from dr_train.runtime import autocast_context, set_determinism
 
 log = logging.getLogger("dr_train")
 
@@ -52,34 +53,35 @@ def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: 
 class RelationRun:
     """Everything that belongs to one relation's training: adapters, optimizer, HMT, bank, data, RNG streams."""
 
-    def __init__(self, cfg: Config, comps: MochiComponents, relation: Relation, out_dir: Path,
-                 device: torch.device, dataset: Path):
-        self.cfg, self.comps, self.relation, self.out_dir, self.device = cfg, comps, relation, out_dir, device
+    def __init__(self, cfg: Config, comps: MochiComponents, relation: Relation, out_dir: Path, dist: Dist,
+                 dataset: Path):
+        self.cfg, self.comps, self.relation, self.out_dir = cfg, comps, relation, out_dir
+        self.dist, self.device = dist, dist.device
         self.transformer = comps.transformer
-        self.timer = PhaseTimer(enabled=False, device=device)
+        self.timer = PhaseTimer(enabled=False, device=self.device)
         kernels.set_backend(None if cfg.train.kernels == "auto" else cfg.train.kernels)  # auto: $DR_TRAIN_KERNELS
         seed = cfg.train.seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream_seed(seed, relation.name, "adapters"))
             add_relation_lora_triplet(self.transformer, cfg.lora)
-        self.transformer.to(device)
+        self.transformer.to(self.device)
         self.adapters = adapter_names(self.transformer)
         self.params_by_adapter = adapter_parameters(self.transformer)
-        named = lora_named_parameters(self.transformer)
-        self.param_names = dict(enumerate(named))
+        self.param_names = {p: n for n, p in lora_named_parameters(self.transformer).items()}
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(list(named.values()), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(self.params_by_adapter, o.lr, o.betas, o.eps, o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, o.warmup_steps, cfg.train.max_steps, o.schedule,
                                                     o.min_lr_ratio))
+        self.engine = None                  # built on first use, after a resume has loaded the adapters
         self.hmt = HybridMaskTraining(self.adapters, cfg.hmt.probabilities, cfg.hmt.enabled,
                                       seed=stream_seed(seed, relation.name, "hmt"))
         self.bank = MemoryBank(cfg.loss.bank_size, cfg.loss.n_pos, cfg.loss.n_neg,
                                seed=stream_seed(seed, relation.name, "bank"))
         self.noise_gen = torch.Generator().manual_seed(stream_seed(seed, relation.name, "noise"))
         self.stream = ShardStream(dataset, [relation.name], cfg.train.batch_size,
-                                  seed=stream_seed(seed, relation.name, "data"), num_workers=cfg.data.num_workers,
+                                  seed=stream_seed(seed, relation.name, "data"), rank=dist.rank,
+                                  world_size=dist.world_size, num_workers=cfg.data.num_workers,
                                   resampled=cfg.data.resampled)
         null_embed, null_mask = self.stream.null_text
         self.null_embed, self.null_mask = torch.from_numpy(null_embed), torch.from_numpy(null_mask)
@@ -88,52 +90,79 @@ class RelationRun:
         self.metrics_path = out_dir / "metrics.jsonl"
         self.last_checkpoint: Path | None = None
 
+    def _engine(self):
+        if self.engine is None:
+            d, t = self.cfg.distributed, self.cfg.train
+            self.engine = build_engine(self.transformer, self.optimizer, self.dist, d.engine, d.zero_stage,
+                                       t.batch_size, t.grad_accum, self.cfg.optim.max_grad_norm,
+                                       d.offload_optimizer, d.offload_params)
+        return self.engine
+
     # ---- one step -------------------------------------------------------------------------------------------
+    def _local(self, draw, shape_rest: tuple = ()) -> torch.Tensor:
+        """A draw of this step's random numbers for the whole global batch, and this rank's rows of it: the same
+        numbers a one-rank run with the global batch draws, whatever the rank count."""
+        b, r = self.cfg.train.batch_size, self.dist.rank
+        return draw((b * self.dist.world_size, *shape_rest), generator=self.noise_gen)[r * b:(r + 1) * b]
+
     def _text(self, batch: dict):
         """The batch's prompt embeddings, each replaced by the empty prompt with probability caption_dropout."""
         embeds, mask = batch["text_embed"], batch["text_mask"]
-        drop = torch.rand(embeds.shape[0], generator=self.noise_gen) < self.cfg.data.caption_dropout
+        drop = self._local(torch.rand) < self.cfg.data.caption_dropout
         embeds = torch.where(drop[:, None, None], self.null_embed[None], embeds)
         mask = torch.where(drop[:, None], self.null_mask[None], mask)
         return embeds.to(self.device), mask.to(self.device)
 
-    def micro_step(self, batch: dict, selection: str, scale: float) -> dict:
-        cfg, dev, phase = self.cfg, self.device, self.timer.phase
+    def _contrastive(self, video_ids: list[str], frame_means, dynamics):
+        """RCL over the global batch: every rank samples positives/negatives for all anchors from the same bank
+        (identical on every rank) and keeps its own rows; gradients flow through the local anchors."""
+        ids = [v for part in self.dist.all_gather_objects(video_ids) for v in part]
+        dyn_all = self.dist.all_gather_cat(dynamics.detach())
+        means_all = self.dist.all_gather_cat(frame_means.detach())
+        positives, negatives, skipped = self.bank.sample(ids, dyn_all, means_all)
+        loss = None
+        if positives is not None:
+            b, r = dynamics.shape[0], self.dist.rank
+            rows = slice(r * b, (r + 1) * b)
+            loss = relational_contrastive_loss(dynamics, positives[rows], negatives[rows], self.cfg.loss.temperature)
+        return loss, skipped, (ids, dyn_all, means_all)
+
+    def micro_step(self, batch: dict, selection: str) -> dict:
+        cfg, dev, phase, engine = self.cfg, self.device, self.timer.phase, self._engine()
         with phase("data"):
             mean = batch["latents_mean"]
             std = torch.exp(0.5 * batch["latents_logvar"])
-            z0 = (mean + std * torch.randn(mean.shape, generator=self.noise_gen)).to(dev)
-            noise = torch.randn(mean.shape, generator=self.noise_gen).to(dev)
-            sigma = torch.rand(mean.shape[0], generator=self.noise_gen).to(dev)
+            z0 = (mean + std * self._local(torch.randn, mean.shape[1:])).to(dev)
+            noise = self._local(torch.randn, mean.shape[1:]).to(dev)
+            sigma = self._local(torch.rand).to(dev)
             text, text_mask = self._text(batch)
             z_sigma, target, timestep = noisy_latents(z0, noise, sigma)
             mask = self.hmt.loss_mask(selection, batch["mask_subject1"].to(dev), batch["mask_subject2"].to(dev),
                                       cfg.loss.mode)
         dtype = self.transformer.dtype
         with phase("forward"), autocast_context(dev, cfg.train.mixed_precision):
-            pred = self.transformer(hidden_states=z_sigma.to(dtype), encoder_hidden_states=text.to(dtype),
-                                    timestep=timestep, encoder_attention_mask=text_mask, return_dict=False)[0]
+            pred = engine.forward(hidden_states=z_sigma.to(dtype), encoder_hidden_states=text.to(dtype),
+                                  timestep=timestep, encoder_attention_mask=text_mask, return_dict=False)[0]
         with phase("loss"):
             loss_rec = kernels.masked_flow_matching_loss(pred, target, mask, cfg.loss.mask_weight, cfg.loss.mode)
-            loss_rcl, skipped = None, None
+            loss_rcl, skipped, pushed = None, None, None
             if cfg.loss.rcl_weight > 0:
                 frame_means, dynamics = kernels.relation_features(pred)
-                positives, negatives, skipped = self.bank.sample(batch["video_ids"], dynamics, frame_means)
-                if positives is not None:
-                    loss_rcl = relational_contrastive_loss(dynamics, positives, negatives, cfg.loss.temperature)
+                loss_rcl, skipped, pushed = self._contrastive(batch["video_ids"], frame_means, dynamics)
             loss = loss_rec if loss_rcl is None else loss_rec + cfg.loss.rcl_weight * loss_rcl
-            if not torch.isfinite(loss):
+            values = {"loss": self.dist.mean(loss.item()), "loss_rec": self.dist.mean(loss_rec.item()),
+                      "loss_rcl": None if loss_rcl is None else self.dist.mean(loss_rcl.item())}
+            if not math.isfinite(values["loss"]):
                 raise NonFiniteLossError(
-                    f"relation {self.relation.name}, step {self.step + 1}: loss is {loss.item()} (rec "
-                    f"{loss_rec.item()}, rcl {None if loss_rcl is None else loss_rcl.item()}) on videos "
-                    f"{batch['video_ids']}; weights were not updated. Last checkpoint: {self.last_checkpoint}")
+                    f"relation {self.relation.name}, step {self.step + 1}: loss is {values['loss']} (rec "
+                    f"{values['loss_rec']}, rcl {values['loss_rcl']}) on videos {batch['video_ids']}; weights "
+                    f"were not updated. Last checkpoint: {self.last_checkpoint}")
         with phase("backward"):
-            (loss * scale).backward()
-        if cfg.loss.rcl_weight > 0:
-            self.bank.push(batch["video_ids"], dynamics, frame_means)
-        return {"loss": loss.item(), "loss_rec": loss_rec.item(),
-                "loss_rcl": None if loss_rcl is None else loss_rcl.item(), "rcl_skipped": skipped,
-                "sigma": sigma.mean().item(), "videos": batch["video_ids"]}
+            engine.backward(loss)
+        if pushed is not None:
+            self.bank.push(*pushed)
+        return {**values, "rcl_skipped": skipped, "sigma": self.dist.mean(sigma.mean().item()),
+                "videos": [v for part in self.dist.all_gather_objects(batch["video_ids"]) for v in part]}
 
     def next_batch(self) -> dict:
         with self.timer.phase("data"):
@@ -141,29 +170,31 @@ class RelationRun:
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
+        engine = self._engine()
         selection = self.hmt.draw()
+        if self.dist.world_size > 1:
+            self.dist.check_same(selection, f"the HMT selection of step {self.step + 1}")
         updated = self.hmt.apply(self.params_by_adapter, selection)
-        accum = self.cfg.train.grad_accum
-        parts = [self.micro_step(self.next_batch(), selection, 1.0 / accum) for _ in range(accum)]
-        params = [p for a in updated for p in self.params_by_adapter[a]]
-        grad_norm = None
-        with self.timer.phase("optimizer"):
-            if self.cfg.optim.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.set_active(updated)
+        parts = []
+        for _ in range(self.cfg.train.grad_accum):
+            parts.append(self.micro_step(self.next_batch(), selection))
+            with self.timer.phase("optimizer"):
+                stepped = engine.step()
+        assert stepped, "the last micro-batch of a step must end the gradient accumulation"
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
         self.step += 1
+        accum = len(parts)
         rcl = [p["loss_rcl"] for p in parts if p["loss_rcl"] is not None]
         skipped = next((p["rcl_skipped"] for p in parts if p["rcl_skipped"]), None)
-        if skipped:
+        if skipped and self.dist.is_main:
             log.info("%s step %d: relational contrastive loss skipped: %s", self.relation.name, self.step, skipped)
         return {
             "step": self.step, "selection": selection, "adapters_updated": updated,
             "loss": sum(p["loss"] for p in parts) / accum, "loss_rec": sum(p["loss_rec"] for p in parts) / accum,
             "loss_rcl": sum(rcl) / len(rcl) if rcl else None, "rcl_skipped": skipped, "lr": lr,
-            "grad_norm": grad_norm, "sigma": sum(p["sigma"] for p in parts) / accum,
+            "grad_norm": engine.grad_norm, "sigma": sum(p["sigma"] for p in parts) / accum,
             "videos": [v for p in parts for v in p["videos"]], "seconds": time.perf_counter() - t0,
         }
 
@@ -173,11 +204,63 @@ class RelationRun:
                 "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
                          "placement": resolve_placement(self.cfg.lora.placement)}}
 
+    def _all_trainable(self) -> list[torch.nn.Parameter]:
+        params = [p for ps in self.params_by_adapter.values() for p in ps]
+        for p in params:
+            p.requires_grad_(True)          # HMT's freezing is re-applied at the next step
+        return params
+
+    def _optimizer_state(self) -> tuple[dict, dict]:
+        """Full (unsharded) AdamW state per LoRA parameter, keyed '<param name>/<exp_avg|exp_avg_sq|step>'."""
+        engine = self._engine()
+        engine.link_states()
+        tensors = {}
+        for index, params in enumerate(self.params_by_adapter.values()):
+            step = engine.group_step(index)
+            for p in params:
+                name = self.param_names[p]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = engine.full_state(p, key) if step is not None else None
+                    if value is not None:
+                        tensors[f"{name}/{key}"] = value.detach().float().cpu().contiguous()
+                if step is not None:
+                    tensors[f"{name}/step"] = torch.tensor(step)
+        groups = [{k: v for k, v in g.items() if k not in ("params", "active")} for g in self.optimizer.param_groups]
+        return tensors, {"param_groups": groups}
+
+    def _load_optimizer_state(self, tensors: dict, meta: dict, source: str) -> None:
+        engine = self._engine()
+        names = {n: p for p, n in self.param_names.items()}
+        unknown = sorted({k.rpartition("/")[0] for k in tensors} - set(names))
+        if unknown:
+            raise ValueError(f"{source}: optimizer state for unknown parameters {unknown[:3]}")
+        saved_groups = meta["param_groups"]
+        if [g.get("adapter") for g in saved_groups] != list(self.params_by_adapter):
+            raise ValueError(f"{source}: optimizer groups {[g.get('adapter') for g in saved_groups]} do not match "
+                             f"the adapters {list(self.params_by_adapter)}")
+        for group, saved in zip(self.optimizer.param_groups, saved_groups):
+            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+        for index, params in enumerate(self.params_by_adapter.values()):
+            steps = [tensors.get(f"{self.param_names[p]}/step") for p in params]
+            if steps[0] is not None:
+                engine.load_group_step(index, float(steps[0]))
+        engine.link_states()
+        for p in self._all_trainable():
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = tensors.get(f"{self.param_names[p]}/{key}")
+                if value is not None:
+                    engine.load_full_state(p, key, value)
+
     def save(self) -> Path:
-        opt_tensors, opt_meta = ckpt.optimizer_tensors(self.optimizer, self.param_names)
+        """Every rank takes part (ZeRO gathers); rank 0 writes."""
+        engine = self._engine()
+        params = self._all_trainable()
+        with engine.gathered(params):
+            adapters = adapter_state_dict(self.transformer)
+        opt_tensors, opt_meta = self._optimizer_state()
         bank_tensors, bank_meta = self.bank.state_dict()
         tensors = {
-            "adapters": adapter_state_dict(self.transformer),
+            "adapters": adapters,
             "optimizer": opt_tensors,
             "rng": {"hmt": self.hmt.state_dict()["generator"], "noise": self.noise_gen.get_state(),
                     "torch": torch.get_rng_state()},
@@ -185,19 +268,24 @@ class RelationRun:
         }
         state = {"step": self.step, "identity": self._identity(), "optimizer": opt_meta,
                  "scheduler": self.scheduler.state_dict(), "data": self.stream.state_dict(),
-                 "memory_bank": bank_meta, "config": self.cfg.to_dict()}
-        self.last_checkpoint = ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, state,
-                                                    keep=self.cfg.train.keep_checkpoints)
-        return self.last_checkpoint
+                 "memory_bank": bank_meta, "config": self.cfg.to_dict(), "world_size": self.dist.world_size}
+        path = self.checkpoint_dir / f"step-{self.step:08d}"
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, state,
+                                        keep=self.cfg.train.keep_checkpoints)
+        self.dist.barrier()
+        self.last_checkpoint = path
+        return path
 
     def resume(self, path: Path) -> None:
+        """Load a checkpoint written by any number of ranks and any ZeRO stage (before the engine exists)."""
+        assert self.engine is None or self.cfg.distributed.zero_stage == 0, "resume before the first step"
         tensors, state = ckpt.load_checkpoint(path)
         if state.get("identity") != self._identity():
             raise ValueError(f"checkpoint {path / 'state.json'} was written for {state.get('identity')}, which does "
                              f"not match this run ({self._identity()})")
         load_adapter_state_dict(self.transformer, tensors["adapters"], str(path / "adapters.safetensors"))
-        ckpt.load_optimizer_tensors(self.optimizer, self.param_names, tensors["optimizer"], state["optimizer"],
-                                    str(path / "optimizer.safetensors"))
+        self._load_optimizer_state(tensors["optimizer"], state["optimizer"], str(path / "optimizer.safetensors"))
         self.scheduler.load_state_dict(state["scheduler"])
         self.hmt.load_state_dict({"generator": tensors["rng"]["hmt"]})
         self.noise_gen.set_state(tensors["rng"]["noise"])
@@ -207,13 +295,16 @@ class RelationRun:
         self.step = int(state["step"])
         self.last_checkpoint = path
         # metrics after the checkpoint belong to steps that will be redone
-        if self.metrics_path.is_file():
+        if self.dist.is_main and self.metrics_path.is_file():
             kept = [l for l in self.metrics_path.read_text().splitlines()
                     if l.strip() and json.loads(l)["step"] <= self.step]
             self.metrics_path.write_text("".join(l + "\n" for l in kept))
+        self.dist.barrier()
 
     def close(self) -> None:
         self.stream.close()
+        if self.engine is not None:
+            self.engine.close()
         self.transformer.delete_adapters(self.adapters)
 
 
@@ -221,54 +312,80 @@ def _prepare_output(run: RelationRun, resume: bool) -> None:
     existing = ckpt.list_checkpoints(run.checkpoint_dir)
     if resume and existing:
         run.resume(existing[-1])
-        log.info("%s: resumed from %s (step %d)", run.relation.name, existing[-1], run.step)
+        if run.dist.is_main:
+            log.info("%s: resumed from %s (step %d)", run.relation.name, existing[-1], run.step)
         return
     if resume and run.metrics_path.exists():
-        log.info("%s: no checkpoint to resume from; restarting from step 0", run.relation.name)
-        run.metrics_path.unlink()
+        if run.dist.is_main:
+            log.info("%s: no checkpoint to resume from; restarting from step 0", run.relation.name)
+            run.metrics_path.unlink()
+        run.dist.barrier()
     if existing or run.metrics_path.exists():
         raise ValueError(f"{run.out_dir} already holds a run of {run.relation.name}; pass --resume to continue "
                          f"it or choose another --output-dir")
     run.out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, device: torch.device,
-                   dataset: Path) -> dict:
+class _MainOnly:
+    """The per-relation outputs people read (metrics.jsonl, TensorBoard, progress bar): rank 0 writes them."""
+
+    def __init__(self, run: RelationRun, cfg: Config):
+        self.run, self.cfg, self.main = run, cfg, run.dist.is_main
+        self.writer = _tensorboard(run.out_dir) if self.main else None
+        self.metrics = run.metrics_path.open("a") if self.main else None
+        self.bar = tqdm(total=cfg.train.max_steps, initial=run.step, desc=run.relation.name, unit="step",
+                        dynamic_ncols=True, disable=not self.main)
+
+    def record(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.writer is not None and record["step"] % self.cfg.train.log_every == 0:
+            for key in ("loss", "loss_rec", "loss_rcl", "lr", "grad_norm"):
+                if record[key] is not None:
+                    self.writer.add_scalar(f"{self.run.relation.name}/{key}", record[key], record["step"])
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", sel=record["selection"])
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, dist: Dist, dataset: Path) -> dict:
     out_dir = Path(cfg.train.output_dir) / relation.name
-    run = RelationRun(cfg, comps, relation, out_dir, device, dataset)
+    run = RelationRun(cfg, comps, relation, out_dir, dist, dataset)
     try:
         _prepare_output(run, cfg.train.resume)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        writer = _tensorboard(out_dir)
+        if dist.is_main:
+            (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         started = time.perf_counter()
-        with tqdm(total=cfg.train.max_steps, initial=run.step, desc=relation.name, unit="step",
-                  dynamic_ncols=True) as bar, run.metrics_path.open("a") as metrics:
+        outputs = _MainOnly(run, cfg)
+        try:
             while run.step < cfg.train.max_steps:
-                record = run.train_step()
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if writer is not None and record["step"] % cfg.train.log_every == 0:
-                    for key in ("loss", "loss_rec", "loss_rcl", "lr", "grad_norm"):
-                        if record[key] is not None:
-                            writer.add_scalar(f"{relation.name}/{key}", record[key], record["step"])
-                bar.set_postfix(loss=f"{record['loss']:.4f}", sel=record["selection"])
-                bar.update(1)
+                outputs.record(run.train_step())
                 if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.max_steps:
                     run.save()
-        if writer is not None:
-            writer.close()
-        for params in run.params_by_adapter.values():
-            for p in params:
-                p.requires_grad_(True)
+        finally:
+            outputs.close()
+        params = run._all_trainable()
         result = {"relation": relation.name, "steps": run.step, "status": "finished",
-                  "wall_seconds": time.perf_counter() - started, "checkpoint": str(run.last_checkpoint)}
-        plot_loss_curve(run.metrics_path, out_dir / "loss_curve.png", title=relation.name)
-        if cfg.train.export:
-            result["lora"] = str(export_inference_lora(
-                comps.transformer, out_dir / "lora", cfg.lora.export_adapters,
-                metadata={"relation": relation.name, "prompt": relation.prompt, "base_model": comps.source,
-                          "steps": run.step, **run._identity()["lora"]}))
-        (out_dir / "DONE.json").write_text(json.dumps(result, indent=1))
+                  "wall_seconds": time.perf_counter() - started, "checkpoint": str(run.last_checkpoint),
+                  "world_size": dist.world_size}
+        with run._engine().gathered(params):
+            if dist.is_main and cfg.train.export:
+                result["lora"] = str(export_inference_lora(
+                    comps.transformer, out_dir / "lora", cfg.lora.export_adapters,
+                    metadata={"relation": relation.name, "prompt": relation.prompt, "base_model": comps.source,
+                              "steps": run.step, **run._identity()["lora"]}))
+        if dist.is_main:
+            plot_loss_curve(run.metrics_path, out_dir / "loss_curve.png", title=relation.name)
+            (out_dir / "DONE.json").write_text(json.dumps(result, indent=1))
+        dist.barrier()
         return result
     finally:
         run.close()
@@ -284,23 +401,36 @@ def _tensorboard(out_dir: Path):
 
 
 def train(cfg: Config) -> list[dict]:
-    """Train every selected relation one after another on one loaded backbone; finished relations are skipped."""
+    """Train every selected relation one after another on one loaded backbone, on every rank of this launch;
+    finished relations (DONE.json) are skipped, so a re-run after a crash continues where it stopped."""
     catalog = load_catalog(cfg.data.catalog or None)
     relations = select_relations(cfg.train.relations, catalog)
-    set_determinism(cfg.train.seed, cfg.train.deterministic)
-    device = pick_device()
-    pending = [r for r in relations if not (Path(cfg.train.output_dir) / r.name / "DONE.json").is_file()]
-    dataset = resolve_dataset(cfg, pending) if pending else None
-    comps = load_mochi(cfg.model.preset, cfg.model.dtype, cfg.model.attention_backend,
-                       cfg.model.gradient_checkpointing, cfg.model.max_text_tokens, parts=("transformer",))
-    if dataset is not None:
-        check_dataset_matches_model(dataset, comps.transformer)
-    results = []
-    for relation in relations:
-        done = Path(cfg.train.output_dir) / relation.name / "DONE.json"
-        if done.is_file():
-            log.info("%s: already finished (%s), skipping", relation.name, done)
-            results.append(json.loads(done.read_text()) | {"status": "skipped (finished before)"})
-            continue
-        results.append(train_relation(cfg, comps, relation, device, dataset))
-    return results
+    d = cfg.distributed
+    dist = init_distributed(d.backend, uses_deepspeed(d.engine, d.zero_stage, d.offload_optimizer, d.offload_params),
+                            d.timeout_minutes)
+    try:
+        set_determinism(cfg.train.seed, cfg.train.deterministic)
+        pending = [r for r in relations if not (Path(cfg.train.output_dir) / r.name / "DONE.json").is_file()]
+        dataset = None
+        if pending:
+            if dist.is_main:                       # one rank generates/extends the dataset, the others wait
+                dataset = resolve_dataset(cfg, pending)
+            dist.barrier()
+            if not dist.is_main:
+                dataset = resolve_dataset(cfg, pending)
+        comps = load_mochi(cfg.model.preset, cfg.model.dtype, cfg.model.attention_backend,
+                           cfg.model.gradient_checkpointing, cfg.model.max_text_tokens, parts=("transformer",))
+        if dataset is not None:
+            check_dataset_matches_model(dataset, comps.transformer)
+        results = []
+        for relation in relations:
+            done = Path(cfg.train.output_dir) / relation.name / "DONE.json"
+            if done.is_file():
+                if dist.is_main:
+                    log.info("%s: already finished (%s), skipping", relation.name, done)
+                results.append(json.loads(done.read_text()) | {"status": "skipped (finished before)"})
+                continue
+            results.append(train_relation(cfg, comps, relation, dist, dataset))
+        return results
+    finally:
+        shutdown(dist)

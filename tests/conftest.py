@@ -42,6 +42,8 @@ def make_run(cfg, relation_name: str, out_dir):
     from dr_train.model import load_mochi
     from dr_train.trainer import RelationRun
 
+    from dr_train.distributed import Dist
+
     relation = load_catalog()[relation_name]
     dataset = resolve_dataset(cfg, [relation])
-    return RelationRun(cfg, load_mochi("tiny"), relation, out_dir, torch.device("cpu"), dataset)
+    return RelationRun(cfg, load_mochi("tiny"), relation, out_dir, Dist(), dataset)

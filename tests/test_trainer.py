@@ -141,10 +141,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     cfg = small_config(tmp_path, **{"train.relations": "pushing"})
     original = RelationRun.micro_step
 
-    def poisoned(self, batch, selection, scale):
+    def poisoned(self, batch, selection):
         if self.step == 5:
             batch = dict(batch, latents_mean=batch["latents_mean"] * float("nan"))
-        return original(self, batch, selection, scale)
+        return original(self, batch, selection)
 
     RelationRun.micro_step = poisoned
     try:

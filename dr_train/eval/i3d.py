@@ -61,6 +61,15 @@ def same_padding(size_THW: tuple[int, ...], kernel: tuple[int, ...], stride: tup
     return tuple(pads)
 
 
+def final_feature_size(size_THW: tuple[int, ...]) -> tuple[int, ...]:
+    """(T, H, W) of the Mixed_5c output for an input of size_THW (SAME layers: n -> ceil(n / stride))."""
+    size = list(size_THW)
+    for _, kind, args in LAYOUT:
+        stride = args[3] if kind == "unit" else args[1] if kind == "maxpool" else (1, 1, 1)
+        size = [math.ceil(n / s) for n, s in zip(size, stride)]
+    return tuple(size)
+
+
 class Unit3D(nn.Module):
     """Conv3d (TF SAME padding) + optional scale-free batch norm + optional ReLU, as Sonnet's Unit3D."""
 
@@ -146,12 +155,14 @@ class I3D(nn.Module):
         """Averaged logits (B, num_classes) of videos in [-1, 1]."""
         if videos_BCTHW.ndim != 5 or videos_BCTHW.shape[1] != 3:
             raise ValueError(f"I3D expects videos (B, 3, T, H, W), got {tuple(videos_BCTHW.shape)}")
+        final_THW = final_feature_size(tuple(videos_BCTHW.shape[2:]))
+        if final_THW[0] < 2 or final_THW[1:] != (7, 7):
+            raise ValueError(f"I3D needs 224x224 frames and at least 9 frames; input {tuple(videos_BCTHW.shape)} "
+                             f"gives a final feature map {final_THW} (needs (>=2, 7, 7))")
         x = videos_BCTHW
         for layer in self.layers.values():
             x = layer(x)
-        if x.shape[2] < 2 or x.shape[3] != 7 or x.shape[4] != 7:
-            raise ValueError(f"I3D needs 224x224 frames and at least 9 frames; input {tuple(videos_BCTHW.shape)} "
-                             f"gives a final feature map {tuple(x.shape[2:])} (needs (>=2, 7, 7))")
+        assert tuple(x.shape[2:]) == final_THW, (x.shape, final_THW)
         x = F.avg_pool3d(x, kernel_size=(2, 7, 7), stride=(1, 1, 1))
         logits_BCT = self.logits(x).flatten(3).squeeze(3)  # spatial squeeze: 1x1 after the VALID pool
         return logits_BCT.mean(dim=2)
