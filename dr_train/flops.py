@@ -2,8 +2,8 @@
 
 Counted: every matrix product (a Linear or the patch-embed convolution: 2 * in * out FLOPs per row; attention:
 QK^T and AV, 4 * B * heads * T^2 * head_dim with T = visual + text tokens; the RoPE frequency einsum, which is
-negligible). Not counted: elementwise work (norms, activations, RoPE rotation, residuals, softmax), which is
-memory-bound and not what MFU measures. All numbers are FLOPs (a multiply-add is 2).
+negligible). Not counted: biases and elementwise work (norms, activations, RoPE rotation, residuals, softmax),
+which is memory-bound and not what MFU measures. All numbers are FLOPs (a multiply-add is 2).
 
 The model, for a latent (B, C, F, H, W), patch p, text length L, width d = heads * head_dim, text width d_t
 (`pooled_projection_dim`), feed-forward inner widths f = (8 d) // 3 and f_t = (8 d_t) // 3 (SwiGLU: the first
@@ -27,8 +27,8 @@ timestep embedding, which needs no gradient) has a backward. A LoRA adapter (A: 
 of the adapters updated this step (HMT marks the others requires_grad=False; they still run forward).
 Attention backward (`attention_backward`): "math" (default) counts the four products of the textbook backward,
 each half a forward (dV = P^T dO where V needs a gradient, dP = dO V^T where Q or K does, dQ = dS K, dK = dS^T Q),
-which is 2x the forward when Q, K and V all need gradients (every block but block 0 when some adapters are not
-updated this step): the convention for model FLOPs and MFU, and exactly what autograd runs through the math SDPA
+which is 2x the forward when Q, K and V all need gradients (always after block 0; in block 0 only the projections
+whose adapters are updated this step need them): the convention for model FLOPs and MFU, and exactly what autograd runs through the math SDPA
 backend. "fused": FlashAttention / memory-efficient / cuDNN kernels compute QK^T again and all three gradients
 whenever any is needed, 2.5x (what `torch.utils.flop_counter` charges them). With gradient checkpointing every
 transformer block runs its forward once more in the backward pass (`recompute`; the PaLM convention leaves it out
@@ -42,9 +42,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
-
-# the text pooler's head count is hard-coded in diffusers' MochiCombinedTimestepCaptionEmbedding
-POOLER_HEADS = 8
 
 
 @dataclass(frozen=True)
@@ -222,7 +219,7 @@ def count_flops(model_or_config: Any, latent_shape: Iterable[int], text_tokens: 
     for name, r, i, o in embed:
         out.linears += 2 * r * i * o
         add(name, 2 * r * i * o)
-    pool_attn = 4 * B * (L + 1) * D             # one query per sample over 1 + L keys, POOLER_HEADS heads
+    pool_attn = 4 * B * (L + 1) * D             # one query per sample over 1 + L keys (8 heads of D / 8)
     out.attention += pool_attn
     add("embed.pooler.attention", pool_attn)
     out.rope = 2 * Tv * 3 * (dims.num_attention_heads * dims.attention_head_dim // 2)   # pos (N,3) x freqs (3,h,f)

@@ -259,6 +259,8 @@ class RelationRun:
             adapters = adapter_state_dict(self.transformer)
         opt_tensors, opt_meta = self._optimizer_state()
         bank_tensors, bank_meta = self.bank.state_dict()
+        bank_digest = _digest(bank_tensors, bank_meta["video_ids"])
+        self.dist.check_same(bank_digest, f"the memory bank at step {self.step}")
         tensors = {
             "adapters": adapters,
             "optimizer": opt_tensors,
@@ -268,7 +270,8 @@ class RelationRun:
         }
         state = {"step": self.step, "identity": self._identity(), "optimizer": opt_meta,
                  "scheduler": self.scheduler.state_dict(), "data": self.stream.state_dict(),
-                 "memory_bank": bank_meta, "config": self.cfg.to_dict(), "world_size": self.dist.world_size}
+                 "memory_bank": bank_meta | {"sha256": bank_digest}, "config": self.cfg.to_dict(),
+                 "world_size": self.dist.world_size}
         path = self.checkpoint_dir / f"step-{self.step:08d}"
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, state,
@@ -308,6 +311,14 @@ class RelationRun:
         self.transformer.delete_adapters(self.adapters)
 
 
+def _digest(tensors: dict[str, torch.Tensor], ids: list[str]) -> str:
+    h = hashlib.sha256("\n".join(ids).encode())
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _prepare_output(run: RelationRun, resume: bool) -> None:
     existing = ckpt.list_checkpoints(run.checkpoint_dir)
     if resume and existing:
@@ -323,6 +334,7 @@ def _prepare_output(run: RelationRun, resume: bool) -> None:
     if existing or run.metrics_path.exists():
         raise ValueError(f"{run.out_dir} already holds a run of {run.relation.name}; pass --resume to continue "
                          f"it or choose another --output-dir")
+    run.dist.barrier()                  # every rank has checked before rank 0 writes anything
     run.out_dir.mkdir(parents=True, exist_ok=True)
 
 

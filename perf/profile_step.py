@@ -262,7 +262,7 @@ def summarise(steps: list[dict], visual_tokens_per_step: int, peak: float | None
     seconds = [s["seconds"] for s in steps]
     step_s = statistics.median(seconds)
     phases = {p: statistics.median(s["phases"][p] for s in steps) for p in PHASES}
-    other = statistics.median(s["seconds"] - sum(s["phases"].values()) for s in steps)
+    other = statistics.median(s["other"] for s in steps)
     model = int(statistics.median(s["flops_model"] for s in steps))
     hardware = int(statistics.median(s["flops_hardware"] for s in steps))
     tf_model, tf_hw = model / step_s / 1e12, hardware / step_s / 1e12
@@ -272,7 +272,9 @@ def summarise(steps: list[dict], visual_tokens_per_step: int, peak: float | None
         "phases_median_s": phases | {"other": other},
         "phases_note": {"comms": "single process: no distributed module yet (0 s); its collectives will be timed "
                                  "under the phase name 'comms'" if not any(s["phases"]["comms"] for s in steps)
-                        else "timed by the trainer", "other": "step minus its phases: HMT draw, Python"},
+                        else "timed by the trainer",
+                        "other": "step minus every timed phase: HMT draw, Python (phases the trainer times under "
+                                 "other names are listed per step in extra_phases)"},
         "visual_tokens_per_step": visual_tokens_per_step,
         "tokens_per_s": visual_tokens_per_step / step_s,
         "flops_per_step": {"model": model, "hardware": hardware},
@@ -289,6 +291,8 @@ def headline(result: dict) -> list[str]:
     r, cfg = result["results"], result["config"]
     lines = [f"{result['device']} | preset {cfg['preset']} latent {cfg['latent_shape']} text {cfg['text_tokens']} | "
              f"checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'} | {result['status']}"]
+    if cfg.get("note"):
+        lines.append(f"note: {cfg['note']}")
     if "step_seconds" in r:
         st = r["step_seconds"]
         lines.append(f"step {st['median']:.4g} s (p20 {st['p20']:.4g}, p80 {st['p80']:.4g}) over "
@@ -324,8 +328,13 @@ def compare_genmo(result: dict) -> list[str]:
         return lines + ["  no step completed here to compare"]
     step = r["step_seconds"]["median"]
     mem = r.get("memory", {}).get("max_reserved_GB")
-    lines.append(f"  here: {step:.3g} s/it = {g['seconds_per_step'] / step:.2f}x genmo's speed"
-                 + ("" if mem is None else f", {mem:.1f} GB reserved ({mem / g['peak_memory_GB']:.2f}x genmo's)")
+    nv = r.get("nvml")
+    used = nv.get("memory_used_GB") if isinstance(nv, dict) else None
+    speed = g["seconds_per_step"] / step
+    lines.append(f"  here: {step:.3g} s/it = {speed:.2f}x genmo's speed ({'faster' if speed >= 1 else 'slower'})"
+                 + ("" if mem is None else f", {mem:.1f} GB reserved by torch ({mem / g['peak_memory_GB']:.2f}x "
+                                           f"genmo's)")
+                 + ("" if not used else f", {used['max']:.1f} GB used on the GPU (NVML, as nvidia-smi shows)")
                  + ("" if same else " [different clip size: not like for like]")
                  + ("" if "H100" in result["device"] else " [not an H100]"))
     return lines
@@ -342,7 +351,7 @@ def plot(result: dict, path: Path) -> None:
     names = list(PHASES) + ["other"]
     colors = dict(zip(names, plt.get_cmap("tab10").colors))
     labels = [f"step {s['step']}" for s in steps] + (["median"] if steps else [])
-    columns = [dict(s["phases"], other=max(0.0, s["seconds"] - sum(s["phases"].values()))) for s in steps]
+    columns = [dict(s["phases"], other=s["seconds"] - sum(s["phases"].values())) for s in steps]
     if steps:
         columns.append(r["phases_median_s"])
     bottom = [0.0] * len(columns)
@@ -548,6 +557,7 @@ def main(argv=None) -> int:
                 per_step.append({"step": record["step"], "seconds": seconds,
                                  "phases": {p: measured.get(p, 0.0) for p in PHASES},
                                  "extra_phases": {k: v for k, v in measured.items() if k not in PHASES},
+                                 "other": max(0.0, seconds - sum(measured.values())),
                                  "selection": record["selection"], "loss": record["loss"],
                                  "flops_model": c.model * accum, "flops_hardware": c.hardware * accum})
                 print(f"  step {record['step']}: {seconds:.4g} s ({record['selection']}, loss "

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,15 +21,15 @@ from dr_train.config import LoRAConfig
 from dr_train.lora import adapter_parameters, add_relation_lora_triplet
 from dr_train.model import load_mochi
 
-REPO = flops.__file__.rsplit("/dr_train/", 1)[0]
-SCRIPT = f"{REPO}/perf/profile_step.py"
+SCRIPT = str(REPO / "perf" / "profile_step.py")
 
 
 @functools.lru_cache(maxsize=None)
-def measured_flops(latent_shape, text_tokens=16, lora=False, trainable=None, checkpointing=False, padded=0):
+def measured_flops(latent_shape, text_tokens=16, lora=False, trainable=None, checkpointing=False, padded=0,
+                   backend="sdpa"):
     """(forward FLOPs, forward + backward FLOPs) of the tiny transformer, as FlopCounterMode counts them; with
     `lora`, the relation LoRA triplet (default LoRAConfig) is added and `trainable` adapters get gradients."""
-    transformer = load_mochi("tiny", gradient_checkpointing=checkpointing).transformer
+    transformer = load_mochi("tiny", attention_backend=backend, gradient_checkpointing=checkpointing).transformer
     if lora:
         add_relation_lora_triplet(transformer, LoRAConfig())
         for adapter, params in adapter_parameters(transformer).items():
@@ -49,10 +50,13 @@ def measured_flops(latent_shape, text_tokens=16, lora=False, trainable=None, che
     return forward, counter.get_total_flops()
 
 
-@pytest.mark.parametrize("shape,padded", [((1, 12, 3, 8, 8), 0), ((2, 12, 2, 6, 10), 5)])
-def test_forward_flops_match_flop_counter(shape, padded):
-    fwd, _ = measured_flops(shape, padded=padded)
-    count = flops.forward_flops(load_mochi("tiny").transformer, shape, 16)
+@pytest.mark.parametrize("shape,padded,backend", [((1, 12, 3, 8, 8), 0, "sdpa"), ((2, 12, 2, 6, 10), 5, "sdpa"),
+                                                   ((2, 12, 3, 8, 8), 5, "reference")])
+def test_forward_flops_match_flop_counter(shape, padded, backend):
+    fwd, _ = measured_flops(shape, padded=padded, backend=backend)
+    # sdpa attends over the padded length (masked keys); diffusers' reference processor drops the padding
+    attended = 16 - padded if backend == "reference" else None
+    count = flops.forward_flops(load_mochi("tiny").transformer, shape, 16, attention_text_tokens=attended)
     assert count.forward == fwd
     assert count.linears + count.attention == pytest.approx(fwd, rel=0.01)   # rope's einsum is the rest
     assert count.backward == count.recompute == 0
@@ -135,11 +139,9 @@ def test_cli_mochi_without_cuda_exits_with_a_clear_message(tmp_path):
 def test_cli_mochi_plumbing_on_cpu(tmp_path, monkeypatch, capsys):
     """The mochi build path (Mochi-1 widths, random bf16 weights) through the trainer: 1 block, a tiny clip, in
     this process (a subprocess would spend most of its time importing)."""
-    sys.path.insert(0, f"{REPO}/perf")
-    try:
-        import profile_step
-    finally:
-        sys.path.remove(f"{REPO}/perf")
+    monkeypatch.setattr(sys, "path", [str(REPO / "perf"), *sys.path])     # restored after the test
+    import profile_step
+
     monkeypatch.chdir(tmp_path)
     code = profile_step.main(["--preset", "mochi", "--device", "cpu", "--num-layers", "1", "--frames", "7",
                               "--height", "32", "--width", "32", "--steps", "1", "--warmup", "0", "--no-plot",

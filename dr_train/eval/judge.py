@@ -1,29 +1,30 @@
 """Programmatic relation judge for the built-in synthetic relations: the offline, deterministic relation accuracy.
 
 From a video's frames alone it finds the two subjects, follows them over time and names the relation whose motion
-template their boxes match best:
+template they match best (definitions and measured accuracy: docs/metrics_relation.md):
 
-1. background model: the synthetic background is a vertical gradient, so each row's median colour over all
-   frames and columns is the background there (the subjects cover well under half of every row); foreground =
-   pixels farther than `threshold` (0-255 RGB distance) from their row's background, cleaned by a 3x3 opening.
-2. subjects: the two subjects have distinct saturated hues, so the foreground pixels' hue directions are split into
-   two colour clusters (2-means on the hue circle); per frame each cluster with enough pixels is one detection
-   (its bounding box). When the hues do not separate, the detections are the frame's connected components.
-3. identities: `dr_train.data.tracking.track_two_subjects` links the detections into two identity-stable tracks
-   (subject 1 = the left one at the first frame where both are seen; missing frames are coasted).
-4. feature: per frame and subject the box centre (x / W, y / H) and size (w, h / min(H, W)), resampled to
-   `steps` evenly spaced points of normalised time; it splits into the motion (each channel minus its mean over
-   time) and the static layout (the means over time).
+1. background: the synthetic background is a smooth vertical gradient, so a trimmed least-squares quadratic in y
+   through the rows' median colours models it (rows where the subjects cover over half the width are trimmed as
+   outliers); foreground = pixels farther than `threshold` (RGB distance, 0-255) from their row's background.
+2. subjects: the two subjects have distinct saturated hues; the foreground pixels' hue directions are split by a
+   deterministic 2-means on the hue circle, each cluster cleaned of specks and one-pixel fringes (chroma
+   subsampling of mp4s), and per frame each cluster is one detection. Where the hues do not separate, the
+   detections are the frame's connected components instead.
+3. identities: colour clusters keep their identity over time (frames where one is missing are interpolated);
+   connected components are linked by `dr_train.data.tracking.track_two_subjects`. Either way subject 1 is the
+   left one in the first frame that shows both (the tracker's convention).
+4. feature: per frame and subject the centre (median pixel; robust to a thin arm) as x / W and y / H, and how far
+   the subject's box reaches left, right, up and down of it in units of min(H, W); resampled to `steps` points of
+   normalised time. It splits into motion (each channel minus its mean over time) and layout (those means).
 5. classification: nearest template. Templates are the same features of `render_clip` renders of every relation
-   (indices 0..templates_per_relation-1, seed `template_seed`, mirroring canonicalised with the renderer's flag).
-   The distance is mean squared motion difference + `static_weight` x mean squared layout difference, taken as the
-   smaller of the clip as seen and its mirror image (x -> 1 - x with the subjects swapped, so that the left one is
-   subject 1 again): a mirrored clip matches its relation's template. Scores are minus the best distance per
-   relation (higher is better).
+   (indices 0..templates_per_relation-1 at seed `template_seed`, mirrored renders flipped back with the renderer's
+   flag). Distance = mean squared motion difference + `static_weight` x mean squared layout difference, the smaller
+   of the clip as seen and of its mirror image (x -> 1 - x, reaches left <-> right, subjects swapped so the left
+   one is subject 1 again). A relation's score is minus the distance to its nearest template.
 
-The static layout weighs little, so the order of the frames carries the decision: shuffling a clip's frames in time
-makes its motion a random walk that matches no relation (tests: >= 0.9 accuracy on unseen renders, near chance on
-time-shuffled ones).
+The layout weighs little, so the order of the frames carries the decision: shuffling a clip's frames in time turns
+its motion into jitter that matches no relation (tests: >= 0.9 accuracy on unseen renders at other resolutions and
+frame counts and after an mp4 round trip; near chance on time-shuffled clips).
 """
 from __future__ import annotations
 
@@ -41,12 +42,16 @@ _BACKGROUND_TOLERANCE = 6.0         # row medians within this RGB distance of th
 _CLUSTER_SAMPLES = 4096             # foreground pixels the colour 2-means is fitted on
 
 
+class SubjectsNotFound(ValueError):
+    """The video does not show two separable subjects."""
+
+
 @dataclass
 class SubjectTracksXY:
     """The two tracked subjects of a video (subject 1 = the left one where both were first seen)."""
     boxes_F24: np.ndarray        # float64 xyxy pixels
     centres_F22: np.ndarray      # float64 median pixel x, y
-    found_F2: np.ndarray         # bool: a detection was matched (False: coasted prediction)
+    found_F2: np.ndarray         # bool: detected in this frame (False: interpolated or coasted)
     height: int
     width: int
 
@@ -96,8 +101,7 @@ def background_rows(frames_FHWC: np.ndarray, degree: int = 2, rounds: int = 3) -
 
 
 def foreground_masks(frames_FHWC: np.ndarray, threshold: float = 40.0) -> np.ndarray:
-    """(F, H, W) bool: pixels farther than `threshold` (RGB, 0-255) from the background colour of their row,
-    after a 3x3 opening."""
+    """(F, H, W) bool: pixels farther than `threshold` (RGB, 0-255) from the background colour of their row."""
     frames = _check_frames(frames_FHWC)
     difference = frames.astype(np.float32) - background_rows(frames)[None, :, None, :]
     distance_FHW = np.sqrt(np.einsum("fhwc,fhwc->fhw", difference, difference))
@@ -207,8 +211,8 @@ def _colour_identities(detections: list[Detections]) -> np.ndarray:
             by_colour_F2[f, k] = i
     both = np.flatnonzero((by_colour_F2 >= 0).all(axis=1))
     if not len(both):
-        raise ValueError(f"no frame among {len(detections)} has two distinct detections; cannot identify two "
-                         f"subjects")
+        raise SubjectsNotFound(f"no frame among {len(detections)} shows both colour clusters; cannot identify two "
+                               f"subjects")
     anchor = detections[both[0]]
     x_left = [anchor.centres_N2[by_colour_F2[both[0], k], 0] for k in range(2)]
     return by_colour_F2 if x_left[0] <= x_left[1] else by_colour_F2[:, ::-1].copy()
@@ -224,7 +228,7 @@ def _fill_missing(values_FK: np.ndarray, found_F: np.ndarray) -> np.ndarray:
 def track_subjects(frames_FHWC: np.ndarray, threshold: float = 40.0) -> SubjectTracksXY:
     """Detect the two subjects and keep their identities: by colour cluster where the hues separate (missing frames
     interpolated), else by `track_two_subjects` on the connected components (missing frames coasted).
-    ValueError when no frame shows two subjects."""
+    SubjectsNotFound when no frame shows two subjects."""
     frames = _check_frames(frames_FHWC)
     detections = detect_subjects(frames, threshold)
     n = len(detections)
@@ -239,7 +243,10 @@ def track_subjects(frames_FHWC: np.ndarray, threshold: float = 40.0) -> SubjectT
             boxes_F24[:, s] = _fill_missing(np.stack([r[0] for r in rows]), found)
             centres_F22[:, s] = _fill_missing(np.stack([r[1] for r in rows]), found)
     else:
-        tracks = track_two_subjects([d.boxes_N4 for d in detections], [d.pixels_N for d in detections])
+        try:
+            tracks = track_two_subjects([d.boxes_N4 for d in detections], [d.pixels_N for d in detections])
+        except ValueError as e:
+            raise SubjectsNotFound(str(e)) from None
         indices_F2 = tracks.indices_F2
         boxes_F24 = tracks.boxes_F24.astype(np.float64)
         centres_F22 = (boxes_F24[..., :2] + boxes_F24[..., 2:]) / 2     # coasted frames: the predicted box's centre
@@ -290,12 +297,14 @@ class RelationJudge:
     """Nearest-template classifier of the synthetic relations from a video's frames.
 
     relations: names among `dr_train.data.synthetic.RELATIONS` (default: all 26).
-    frames, size: frame count and (height, width) of the template renders (the judged videos may differ).
+    frames, size: frame count and (height, width) of the template renders (judged videos may have others).
+    templates_per_relation, template_seed: which renders make the templates (render indices 0..n-1 at that seed).
+    steps: time samples of the feature; static_weight: weight of the layout term; threshold: foreground distance.
     """
 
     def __init__(self, relations: Sequence[str] | None = None, frames: int = 25, size: tuple[int, int] = (96, 160),
-                 templates_per_relation: int = 8, template_seed: int = 1009, steps: int = 32,
-                 static_weight: float = 0.25, threshold: float = 40.0):
+                 templates_per_relation: int = 6, template_seed: int = 1009, steps: int = 32,
+                 static_weight: float = 0.05, threshold: float = 40.0):
         names = list(RELATIONS) if relations is None else list(dict.fromkeys(relations))
         unknown = [r for r in names if r not in RELATIONS]
         if unknown:
@@ -324,7 +333,7 @@ class RelationJudge:
         self.owner_K = np.array(owner)
 
     def features(self, frames_FHWC: np.ndarray) -> np.ndarray:
-        """(steps, 2, 6) features of a video (ValueError when two subjects cannot be found)."""
+        """(steps, 2, 6) features of a video (SubjectsNotFound when two subjects cannot be found)."""
         return subject_features(track_subjects(frames_FHWC, self.threshold), self.steps)
 
     def distances(self, feat_T26: np.ndarray) -> np.ndarray:
@@ -342,9 +351,7 @@ class RelationJudge:
         (None, {}) when the video does not show two separable subjects."""
         try:
             feat = self.features(frames_FHWC)
-        except ValueError as e:
-            if "two distinct detections" not in str(e):
-                raise
+        except SubjectsNotFound:
             return None, {}
         d_K = self.distances(feat)
         scores = {r: -float(d_K[self.owner_K == r].min()) for r in self.relations}
@@ -352,9 +359,12 @@ class RelationJudge:
 
 
 def judge_accuracy(judge: RelationJudge, videos: Iterable[np.ndarray], labels: Sequence[str]) -> dict:
-    """Accuracy of the judge on videos with known relations; videos where no two subjects are found count as
-    wrong and are reported as `undetected`."""
+    """Accuracy of the judge on videos (uint8 (F, H, W, 3) each) with known relations: {accuracy, correct, total,
+    undetected, per_relation {label: {correct, total}}, predictions, labels}. Videos where no two subjects are found
+    count as wrong and are reported as `undetected`; videos and labels must have the same length."""
     labels = list(labels)
+    if not labels:
+        raise ValueError("judge_accuracy needs at least one video")
     unknown = sorted(set(labels) - set(judge.relations))
     if unknown:
         raise ValueError(f"labels outside the judge's relations: {', '.join(unknown)}")
@@ -366,8 +376,6 @@ def judge_accuracy(judge: RelationJudge, videos: Iterable[np.ndarray], labels: S
         row = per_relation.setdefault(label, {"correct": 0, "total": 0})
         row["total"] += 1
         row["correct"] += int(predicted == label)
-    if not labels:
-        raise ValueError("judge_accuracy needs at least one video")
     correct = sum(p == l for p, l in zip(predictions, labels))
     return {"accuracy": correct / len(labels), "correct": correct, "total": len(labels),
             "undetected": sum(p is None for p in predictions), "per_relation": per_relation,

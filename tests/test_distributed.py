@@ -1,0 +1,139 @@
+"""Multi-rank training on CPU (gloo): 2 ranks under torchrun/deepspeed against 1 rank with the same global batch."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+BIN = Path(sys.executable).parent
+STEPS = ["--max-steps", "4", "--checkpoint-every", "2"]
+
+
+def _env():
+    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+def _train(cwd: Path, out: str, *args, ranks: int = 1, launcher: str = "torchrun", timeout: int = 400):
+    script = str(REPO / "launch" / "train.py")
+    if ranks == 1:
+        cmd = [sys.executable, script]
+    elif launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+               script]
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(29600 + os.getpid() % 1000),
+               script]
+    cmd += ["--output-dir", out, "--set", f"data.cache_dir={cwd / 'cache'}", *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ckpt(folder: Path, step: int) -> Path:
+    return folder / "checkpoints" / f"step-{step:08d}"
+
+
+def _assert_same_run(a: Path, b: Path, steps=None):
+    ra, rb = _rows(a), _rows(b)
+    if steps:
+        ra, rb = [r for r in ra if r["step"] in steps], [r for r in rb if r["step"] in steps]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert (x["selection"], x["adapters_updated"], x["videos"]) == (y["selection"], y["adapters_updated"],
+                                                                         y["videos"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert (x["loss_rcl"] is None) == (y["loss_rcl"] is None)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    last = max(r["step"] for r in ra)
+    for name, atol in (("adapters", 1e-6), ("optimizer", 1e-7)):
+        ta, tb = load_file(_ckpt(a, last) / f"{name}.safetensors"), load_file(_ckpt(b, last) / f"{name}.safetensors")
+        assert set(ta) == set(tb)
+        for k in ta:
+            torch.testing.assert_close(ta[k].float(), tb[k].float(), atol=atol, rtol=1e-5, msg=k)
+    sa = json.loads((_ckpt(a, last) / "state.json").read_text())
+    sb = json.loads((_ckpt(b, last) / "state.json").read_text())
+    assert sa["memory_bank"]["video_ids"] == sb["memory_bank"]["video_ids"]   # the same bank, entry for entry
+    ba, bb = load_file(_ckpt(a, last) / "memory_bank.safetensors"), load_file(_ckpt(b, last) / "memory_bank.safetensors")
+    for k in ba:
+        torch.testing.assert_close(ba[k], bb[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A shared folder with the 1-rank baseline (global batch 2, plain torch engine)."""
+    cwd = tmp_path_factory.mktemp("dist")
+    _train(cwd, "one", "--relations", "handshaking", *STEPS, "--set", "train.batch_size=2")
+    return cwd
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_rank_with_the_same_global_batch(work, stage):
+    _train(work, f"zero{stage}", "--relations", "handshaking", *STEPS, "--set", f"distributed.zero_stage={stage}",
+           ranks=2)
+    run = work / f"zero{stage}" / "handshaking"
+    _assert_same_run(work / "one" / "handshaking", run)
+    state = json.loads((_ckpt(run, 4) / "state.json").read_text())
+    assert state["world_size"] == 2 and state["config"]["distributed"]["zero_stage"] == stage
+    # both ranks held the same bank (checked at every checkpoint: ranks that disagree stop the run)
+    assert len(state["memory_bank"]["sha256"]) == 64
+
+
+def test_checkpoints_move_between_rank_counts(work):
+    """A ZeRO-3 checkpoint of 2 ranks resumes on 1 rank, and a 1-rank checkpoint on 2 ZeRO-2 ranks."""
+    if not (work / "zero3").exists():
+        _train(work, "zero3", "--relations", "handshaking", *STEPS, "--set", "distributed.zero_stage=3", ranks=2)
+    for source, target, args, ranks in (("zero3", "to_one", ["--set", "train.batch_size=2"], 1),
+                                         ("one", "to_two", ["--set", "distributed.zero_stage=2"], 2)):
+        shutil.copytree(work / source, work / target)
+        folder = work / target / "handshaking"
+        for p in (_ckpt(folder, 4), folder / "DONE.json", folder / "lora"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        proc = _train(work, target, "--relations", "handshaking", *STEPS, "--resume", *args, ranks=ranks)
+        assert "resumed from" in proc.stderr and "step 2" in proc.stderr
+        _assert_same_run(work / "one" / "handshaking", folder)
+
+
+def test_deepspeed_launch_of_two_relations_survives_a_kill(work):
+    """`deepspeed launch/train.py --relations a,b`: killed during b, re-run with --resume: a is not retrained."""
+    args = ["--relations", "handshaking,hugging", "--max-steps", "6", "--checkpoint-every", "2", "--set",
+            "distributed.zero_stage=2", "--set", "data.num_workers=1"]
+    out = work / "ds"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 1000),
+           str(REPO / "launch" / "train.py"), "--output-dir", "ds", "--set", f"data.cache_dir={work / 'cache'}",
+           *args]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
+    metrics = out / "hugging" / "metrics.jsonl"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (out / "handshaking" / "DONE.json").is_file() and not (out / "hugging" / "DONE.json").exists()
+    before = (out / "handshaking" / "metrics.jsonl").read_text()
+    finished = (out / "handshaking" / "DONE.json").read_text()
+    _train(work, "ds", *args, "--resume", ranks=2, launcher="deepspeed")
+    assert (out / "handshaking" / "metrics.jsonl").read_text() == before        # a was not retrained
+    assert (out / "handshaking" / "DONE.json").read_text() == finished
+    assert [r["step"] for r in _rows(out / "hugging")] == list(range(1, 7))      # no step lost or doubled
+    assert json.loads((out / "hugging" / "DONE.json").read_text())["steps"] == 6
