@@ -29,8 +29,10 @@ class ModelConfig:
     dtype: str = opt("auto", "dtype of the frozen base weights: fp32, bf16, or auto (bf16 for a pretrained folder, "
                              "fp32 for the tiny preset)")
     gradient_checkpointing: bool = opt(False, "recompute each transformer block in the backward pass")
-    attention_backend: str = opt("sdpa", "attention processor: sdpa (batched, masked text tokens) or reference "
-                                         "(diffusers' per-sample loop)")
+    attention_backend: str = opt("auto", "attention processor: flash (flash-attn varlen over each sample's valid "
+                                         "tokens; CUDA + the flash-attn package), sdpa (batched, masked text "
+                                         "tokens), reference (diffusers' per-sample loop), auto (flash where it "
+                                         "can run, else sdpa)")
     max_text_tokens: int = opt(0, "T5 sequence length; 0 = the preset's own (256 for Mochi-1, 16 for tiny)")
 
 
@@ -260,8 +262,9 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a type cannot express."""
     if cfg.loss.mode not in ("paper", "official"):
         raise ValueError(f"loss.mode must be 'paper' or 'official', got {cfg.loss.mode!r}")
-    if cfg.model.attention_backend not in ("sdpa", "reference"):
-        raise ValueError(f"model.attention_backend must be sdpa or reference, got {cfg.model.attention_backend!r}")
+    if cfg.model.attention_backend not in ("auto", "flash", "sdpa", "reference"):
+        raise ValueError(f"model.attention_backend must be auto, flash, sdpa or reference, got "
+                         f"{cfg.model.attention_backend!r}")
     if cfg.model.dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"model.dtype must be auto, fp32 or bf16, got {cfg.model.dtype!r}")
     if cfg.train.kernels not in ("auto", "triton", "torch"):

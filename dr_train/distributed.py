@@ -149,8 +149,9 @@ class TorchEngine:
     """Plain torch: loss / accum backward, LoRA gradients averaged over ranks, clipping, AdamW."""
 
     def __init__(self, module: torch.nn.Module, optimizer: HMTAdamW, grad_accum: int, max_grad_norm: float,
-                 dist: Dist):
+                 dist: Dist, timer=None):
         self.module, self.optimizer, self.dist = module, optimizer, dist
+        self.comms = timer.phase("comms") if timer is not None else contextlib.nullcontext()
         self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
         self.micro = 0
         self.grad_norm: float | None = None
@@ -173,7 +174,8 @@ class TorchEngine:
         params = self._trainable()
         if self.dist.world_size > 1 and params:
             flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
-            tdist.all_reduce(flat)
+            with self.comms:
+                tdist.all_reduce(flat)
             flat /= self.dist.world_size
             for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
                 p.grad.copy_(g)
@@ -320,10 +322,12 @@ def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, max_gra
 
 def build_engine(module: torch.nn.Module, optimizer: HMTAdamW, dist: Dist, engine: str, zero_stage: int,
                  micro_batch: int, grad_accum: int, max_grad_norm: float, offload_optimizer: bool = False,
-                 offload_params: bool = False):
+                 offload_params: bool = False, timer=None):
+    """`timer` (a PhaseTimer) times the plain engine's gradient all-reduce as "comms"; DeepSpeed overlaps its
+    collectives with the backward and the step, where they are counted."""
     use_ds = uses_deepspeed(engine, zero_stage, offload_optimizer, offload_params)
     if not use_ds:
-        return TorchEngine(module, optimizer, grad_accum, max_grad_norm, dist)
+        return TorchEngine(module, optimizer, grad_accum, max_grad_norm, dist, timer)
     config = deepspeed_config(zero_stage, micro_batch, grad_accum, max_grad_norm, offload_optimizer,
                               offload_params)
     return DeepSpeedEngine(module, optimizer, config, dist)

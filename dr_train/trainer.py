@@ -95,7 +95,7 @@ class RelationRun:
             d, t = self.cfg.distributed, self.cfg.train
             self.engine = build_engine(self.transformer, self.optimizer, self.dist, d.engine, d.zero_stage,
                                        t.batch_size, t.grad_accum, self.cfg.optim.max_grad_norm,
-                                       d.offload_optimizer, d.offload_params)
+                                       d.offload_optimizer, d.offload_params, timer=self.timer)
         return self.engine
 
     # ---- one step -------------------------------------------------------------------------------------------

@@ -76,6 +76,19 @@ def test_tracks_follow_the_true_subjects():
     assert np.abs(tracks.centres_F22[..., 0] - true_x_F2).max() < 3.0
 
 
+def test_same_coloured_subjects_are_tracked_as_connected_components(judge):
+    clip = render_clip("walking_apart", 8, frames=13, height=64, width=96, seed=0)
+    frames = clip.frames.copy()
+    colour_1 = np.median(frames[clip.masks[:, 0] > 0], axis=0).astype(np.uint8)
+    frames[clip.masks[:, 1] > 0] = colour_1                 # both subjects now share one colour
+    tracks = track_subjects(frames)
+    assert tracks.found_F2.all()
+    true_x_F2 = np.stack([[np.nonzero(clip.masks[f, s])[1].mean() for s in range(2)] for f in range(13)])
+    true_x_F2 = true_x_F2[:, ::-1] if clip.mirrored else true_x_F2
+    assert np.abs(tracks.centres_F22[..., 0] - true_x_F2).max() < 3.0
+    assert judge.classify(frames)[0] == "walking_apart"
+
+
 def test_mirror_features_is_an_involution():
     feat = np.random.default_rng(1).random((32, 2, 6))
     assert np.allclose(mirror_features(mirror_features(feat)), feat)

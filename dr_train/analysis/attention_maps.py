@@ -94,7 +94,7 @@ def _queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
 
 
 def word_video_probabilities(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, key_valid_BT: torch.Tensor, seq_len: int,
-                             token_indices: list[int], direction: str, query_chunk: int = 1024) -> torch.Tensor:
+                             token_indices: list[int], direction: str, query_chunk: int = 512) -> torch.Tensor:
     """(B, H, n_tokens, S) fp32 entries of softmax(Q K^T / sqrt(d)) (masked keys excluded) between the text tokens
     at `token_indices` (positions in the text sequence) and the S video tokens, in the given direction."""
     if direction not in DIRECTIONS:
@@ -142,7 +142,7 @@ class _CaptureProcessor:
 def capture_relation_attention(transformer, latents_BCFHW: torch.Tensor, prompt_embeds_BLD: torch.Tensor,
                                prompt_mask_BL: torch.Tensor, timestep: float, token_indices: list[int],
                                direction: str = "video_to_text", keep_heads: bool = False,
-                               query_chunk: int = 1024) -> tuple[AttentionCapture, torch.Tensor]:
+                               query_chunk: int = 512) -> tuple[AttentionCapture, torch.Tensor]:
     """One forward pass with capturing processors on every block; returns (capture, the model's output). The
     blocks' own processors are restored afterwards."""
     if direction not in DIRECTIONS:
@@ -185,7 +185,7 @@ def average_maps(capture: AttentionCapture, latent_shape_FHW: tuple[int, int, in
 
 def relation_attention_maps(transformer, tokenizer, text_encoder, prompt: str, phrase: str,
                             latents_BCFHW: torch.Tensor, timestep: float, max_tokens: int,
-                            direction: str = "video_to_text", query_chunk: int = 1024) -> RelationAttention:
+                            direction: str = "video_to_text", query_chunk: int = 512) -> RelationAttention:
     """Attention maps of `phrase` (words of `prompt`) over the video tokens of `latents` at `timestep`
     (Mochi convention: timestep = (1 - sigma) * 1000 for latents z = (1 - sigma) z0 + sigma noise)."""
     from dr_train.model.text import encode_prompts

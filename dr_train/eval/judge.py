@@ -181,18 +181,18 @@ def detect_subjects(frames_FHWC: np.ndarray, threshold: float = 40.0, min_pixels
         labels_N, separation = np.zeros(int(fg_FHW.sum()), dtype=np.int64), 0.0
     cluster_FHW = np.full(fg_FHW.shape, -1, dtype=np.int64)
     cluster_FHW[fg_FHW] = labels_N
-    if separation >= min_hue_separation:
+    colour_mode = separation >= min_hue_separation
+    if colour_mode:
         clean_KFHW = np.stack([supported(cluster_FHW == k) for k in range(2)])
     else:
         clean_KFHW = supported(fg_FHW)[None]
     out = []
     for f in range(n):
-        if separation >= min_hue_separation:
+        if colour_mode:
             parts = [clean_KFHW[k, f] for k in range(2)]
         else:
             comp_HW = connected_components(clean_KFHW[0, f])
             parts = [comp_HW == c for c in np.unique(comp_HW[comp_HW > 0])]
-        colour_mode = separation >= min_hue_separation
         found = [(_detection(part), k if colour_mode else -1) for k, part in enumerate(parts)
                  if part.sum() >= min_pixels]
         out.append(Detections(np.array([d[0] for d, _ in found], dtype=np.float64).reshape(-1, 4),

@@ -60,7 +60,7 @@ def _load_part(part: str, preset: str, torch_dtype: torch.dtype, vocab_size: int
     return cls.from_pretrained(preset, subfolder=part, torch_dtype=torch.float32 if part == "vae" else torch_dtype)
 
 
-def load_mochi(preset: str = "tiny", dtype: str = "auto", attention_backend: str = "sdpa",
+def load_mochi(preset: str = "tiny", dtype: str = "auto", attention_backend: str = "auto",
                gradient_checkpointing: bool = False, max_text_tokens: int = 0,
                parts: tuple[str, ...] = PARTS) -> MochiComponents:
     """The Mochi stack with frozen weights, the chosen attention processor and checkpointing switch.
