@@ -137,3 +137,12 @@ def test_deepspeed_launch_of_two_relations_survives_a_kill(work):
     assert (out / "handshaking" / "DONE.json").read_text() == finished
     assert [r["step"] for r in _rows(out / "hugging")] == list(range(1, 7))      # no step lost or doubled
     assert json.loads((out / "hugging" / "DONE.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("preset", ["80gb", "48gb", "24gb"])
+def test_memory_presets_train_the_same_run(work, preset):
+    """configs/memory/*.yaml (ZeRO-2; ZeRO-3; ZeRO-3 with parameters and optimizer state offloaded to CPU):
+    one process, the same steps as the plain engine."""
+    _train(work, f"mem{preset}", "--config", str(REPO / "configs" / "memory" / f"{preset}.yaml"), "--relations",
+           "handshaking", *STEPS, "--set", "train.batch_size=2")
+    _assert_same_run(work / "one" / "handshaking", work / f"mem{preset}" / "handshaking")
