@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dr_train.model.attention import _rotate
+from dr_train.model.attention import _joint_qkv
 
 DIRECTIONS = ("video_to_text", "text_to_video")
 
@@ -72,25 +72,9 @@ def phrase_token_indices(tokenizer, prompt: str, phrase: str, max_tokens: int) -
 # ------------------------------------------------------------------------------------------ capture
 
 def _queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
-    """(q (B, H, S+L, D), k (B, H, S+L, D), S) as `MaskedJointAttnProcessor` computes them."""
-    heads = attn.heads
-    q = attn.to_q(hidden_states).unflatten(2, (heads, -1))
-    k = attn.to_k(hidden_states).unflatten(2, (heads, -1))
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (heads, -1))
-    ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (heads, -1))
-    if attn.norm_added_q is not None:
-        eq = attn.norm_added_q(eq)
-    if attn.norm_added_k is not None:
-        ek = attn.norm_added_k(ek)
-    if image_rotary_emb is not None:
-        q = _rotate(q, *image_rotary_emb)
-        k = _rotate(k, *image_rotary_emb)
-    seq_len = q.shape[1]
-    return torch.cat([q, eq], 1).transpose(1, 2), torch.cat([k, ek], 1).transpose(1, 2), seq_len
+    """(q (B, H, S+L, D), k (B, H, S+L, D), S) as the training attention processors compute them."""
+    q, k, _ = _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+    return q.transpose(1, 2), k.transpose(1, 2), hidden_states.shape[1]
 
 
 def word_video_probabilities(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, key_valid_BT: torch.Tensor, seq_len: int,
