@@ -103,33 +103,3 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint file {path / 'state.json'} cannot be read: {e}") from None
     return tensors, state
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
-    """AdamW state keyed by parameter name (tensors) and its param groups (JSON)."""
-    sd = optimizer.state_dict()
-    tensors = {}
-    for idx, st in sd["state"].items():
-        for key, value in st.items():
-            tensors[f"{names[idx]}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[i] for i in g["params"]]}
-              for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups}
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict, meta: dict,
-                           source: str) -> None:
-    index = {n: i for i, n in names.items()}
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        pname, _, field = key.rpartition("/")
-        if pname not in index:
-            raise ValueError(f"{source}: optimizer state for unknown parameter {pname}")
-        state.setdefault(index[pname], {})[field] = value
-    groups = []
-    for g in meta["param_groups"]:
-        unknown = [p for p in g["params"] if p not in index]
-        if unknown:
-            raise ValueError(f"{source}: optimizer group lists unknown parameters {unknown[:3]}")
-        groups.append(g | {"params": [index[p] for p in g["params"]]})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})

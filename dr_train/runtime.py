@@ -9,10 +9,6 @@ import numpy as np
 import torch
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def autocast_context(device: torch.device, mixed_precision: str):
     """bf16 autocast when asked for (or, with 'auto', on CUDA devices that support bf16)."""
     if mixed_precision == "no":

@@ -16,43 +16,13 @@ from kernels.masked_loss import (  # noqa: E402
     masked_flow_matching_loss_triton,
 )
 
-HAS_CUDA = torch.cuda.is_available()
-no_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-CASES = [pytest.param(("cpu", torch.float32), id="cpu-fp32"),
-         pytest.param(("cuda", torch.float32), id="cuda-fp32", marks=no_cuda),
-         pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=no_cuda)]
+from kernel_helpers import HAS_CUDA, _interpret_cpu, dev, grad_close as _grad_close, no_cuda, value_tol  # noqa: E402,F401
 
-
-@pytest.fixture(params=CASES)
-def dev(request, monkeypatch):
-    device, dtype = request.param
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return device, dtype
-
-
-@pytest.fixture(autouse=True)
-def _interpret_cpu(monkeypatch):
-    if "TRITON_INTERPRET" not in os.environ:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def loss_tol(dtype):
-    # fp32 accumulation on both sides, from the same (possibly bf16) values
-    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-5)
-
+loss_tol = value_tol
 
 
 def grad_close(a, b, dtype):
-    """Gradients: relative tolerance, and an absolute one scaled to the largest entry (gradients of a mean over
-    ~1e6 elements are ~1e-4: fixed absolute tolerances would make the check vacuous)."""
-    assert a.dtype == b.dtype and a.shape == b.shape
-    a, b = a.float(), b.float()
-    scale = b.abs().max().item() or 1.0
-    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (2e-2, 1e-3)
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale)
+    _grad_close(a, b, dtype, bf16_rtol=2e-2)
 
 def make(shape, device, dtype, seed=0, mask_shape=None):
     g = torch.Generator().manual_seed(seed)
