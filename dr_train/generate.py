@@ -1,57 +1,549 @@
-"""Generate a video with MochiPipeline (Euler flow-matching sampler) and an exported relation LoRA."""
+"""Generate videos with MochiPipeline (Euler flow-matching sampler) and exported relation LoRAs.
+
+`generate` makes one video from one prompt. `generate_batch` makes the evaluation set of a training run: every
+finished relation's exported LoRA (relation + ffn adapters; subject LoRAs are never exported) x the relation's
+evaluation prompts x seeds, and the same prompts and seeds with the base model (no LoRA) for comparison. The
+pipeline is loaded once per process; each relation's LoRA is loaded, used and deleted in turn. Each video's noise
+comes from its own generator seeded with the item's seed, so results do not depend on the order of generation.
+
+Layout of a batch (`<run>/eval/videos` by default):
+
+  <out>/<relation>/<prompt_index>_s<seed>/{video.mp4, keyframes.png, generation.json}   LoRA videos
+  <out>/_base/<relation>/<prompt_index>_s<seed>/...                                      base model, same prompts
+  <out>/index.json                                                                       every item of the batch
+
+An item is written into a temporary folder and renamed into place, generation.json last, so a killed batch
+resumes with the items it had finished (a re-run skips them; items made with other settings are redone).
+"""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
+import os
+import shutil
 import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from dr_train.data.video import write_mp4
 from dr_train.model import load_mochi
 from dr_train.plots import keyframe_grid
 
+log = logging.getLogger("dr_train")
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+BASE = "_base"
+INDEX = "index.json"
+SAMPLER = "FlowMatchEulerDiscreteScheduler (Mochi's Euler flow-matching sampler)"
+PAPER_CLIP = (61, 480, 848)        # frames, height, width of the paper's videos
+
+
+# ------------------------------------------------------------------------------------------ the training run
+
+def config_overrides(mapping: dict, where: str) -> list[str]:
+    """A config mapping {section: {option: value}} (a YAML file, a run's config.json) as `section.option=value`
+    overrides for `load_config` (values as JSON, which YAML reads back unchanged)."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where} must hold a mapping of config sections, got {type(mapping).__name__}")
+    out = []
+    for section, options in mapping.items():
+        if not isinstance(options, dict):
+            raise ValueError(f"{where}: config section {section!r} must be a mapping, got {options!r}")
+        out += [f"{section}.{option}={json.dumps(value)}" for option, value in options.items()]
+    return out
+
+
+def relation_config(run_dir: str | Path, relation: str):
+    """The Config a relation of a run was trained with (`<run>/<relation>/config.json`)."""
+    from dr_train.config import load_config
+
+    path = Path(run_dir) / relation / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: {Path(run_dir) / relation} is not a relation trained by dr_train")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return load_config(None, config_overrides(data, str(path)))
+
+
+def run_relations(run_dir: str | Path, relations: Sequence[str] | None = None) -> dict[str, Path]:
+    """Finished relations of a training run, name -> folder (with DONE.json and the exported LoRA), sorted by
+    name; `relations` picks some of them, and a picked relation without its exported LoRA is a ValueError."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"training run folder {run_dir} does not exist")
+    if relations is None:
+        found = {d.name: d for d in sorted(run_dir.iterdir())
+                 if d.is_dir() and (d / "DONE.json").is_file() and (d / "lora" / LORA_FILE).is_file()}
+        if not found:
+            raise ValueError(f"{run_dir} holds no finished relation (<relation>/DONE.json and "
+                             f"<relation>/lora/{LORA_FILE})")
+        return found
+    out = {}
+    for name in dict.fromkeys(relations):
+        for needed in (run_dir / name / "DONE.json", run_dir / name / "lora" / LORA_FILE):
+            if not needed.is_file():
+                raise ValueError(f"relation {name!r} of run {run_dir} is not finished: {needed} is missing")
+        out[name] = run_dir / name
+    if not out:
+        raise ValueError("no relations selected")
+    return out
+
+
+def training_dataset_dir(cfg) -> Path:
+    """The dataset folder a run read: the synthetic dataset of its settings, or `data.source`."""
+    if cfg.data.source == "synthetic":
+        from dr_train.data.sources import synthetic_dataset_dir
+        return synthetic_dataset_dir(cfg)
+    return Path(cfg.data.source)
+
+
+def training_clip_size(cfg) -> tuple[int, int, int] | None:
+    """(frames, height, width) of the run's training clips from its dataset manifest; None if it is not there."""
+    from dr_train.data.shards import load_manifest
+
+    try:
+        video = load_manifest(training_dataset_dir(cfg))["video"]
+        return int(video["frames"]), int(video["height"]), int(video["width"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How every video of a batch is sampled (the paper: 64 Euler steps, CFG 6.0, 61 x 480 x 848 at 30 fps)."""
+    steps: int = 64
+    guidance_scale: float = 6.0
+    num_frames: int = 61
+    height: int = 480
+    width: int = 848
+    fps: int = 30
+
+    def check(self) -> "SamplerSettings":
+        if self.steps < 1:
+            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+        if self.num_frames < 1 or (self.num_frames - 1) % 6:
+            raise ValueError(f"num_frames must be 1 + 6k (Mochi's VAE), got {self.num_frames}")
+        if self.height < 16 or self.width < 16 or self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be positive multiples of 16, got {self.height}x{self.width}")
+        if self.fps <= 0 or self.guidance_scale < 0:
+            raise ValueError(f"fps must be > 0 and guidance_scale >= 0, got {self.fps}, {self.guidance_scale}")
+        return self
+
+
+def load_pipeline(preset: str, device: str | None = None, vae_tiling: bool = False, progress_bar: bool = True):
+    """(MochiComponents, MochiPipeline on `device`) for `preset` ('tiny' or a local Mochi-1 folder)."""
+    comps = load_mochi(preset)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = comps.pipeline().to(device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=not progress_bar)
+    return comps, pipe
+
+
+def sample_video(pipe, comps, prompt: str, settings: SamplerSettings, seed: int) -> np.ndarray:
+    """uint8 (F, H, W, 3) frames of one video; the initial noise comes from a CPU generator seeded with `seed`."""
+    out = pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+               num_frames=settings.num_frames, height=settings.height, width=settings.width,
+               max_sequence_length=comps.max_text_tokens, output_type="np",
+               generator=torch.Generator(device="cpu").manual_seed(int(seed)))
+    frames = np.asarray(out.frames[0])
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def frames_sha256(frames_FHWC: np.ndarray) -> str:
+    """Digest of the decoded frames (before mp4 compression): equal digests = identical videos."""
+    frames = np.ascontiguousarray(frames_FHWC)
+    return hashlib.sha256(repr(frames.shape).encode() + frames.tobytes()).hexdigest()
+
+
+def write_outputs(frames_FHWC: np.ndarray, out_dir: Path, fps: int) -> tuple[Path, Path]:
+    """video.mp4 and keyframes.png (5 evenly spaced frames) of one video in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_mp4(frames_FHWC, out_dir / "video.mp4", fps=fps), keyframe_grid(frames_FHWC, out_dir / "keyframes.png")
+
 
 def generate(prompt: str, out_dir: Path, lora: str | None = None, preset: str = "tiny", steps: int = 64,
              guidance_scale: float = 6.0, num_frames: int = 61, height: int = 480, width: int = 848,
              seed: int = 0, fps: int = 30) -> dict:
-    comps = load_mochi(preset)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = comps.pipeline().to(device)
+    """One video of `prompt` (with the LoRA folder or file `lora`, if given): video.mp4, keyframes.png and
+    generation.json in `out_dir`. Returns the metadata written to generation.json."""
+    comps, pipe = load_pipeline(preset)
     if lora:
         pipe.load_lora_weights(lora, adapter_name="relation_lora")
-    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, num_frames=num_frames,
-               height=height, width=width, max_sequence_length=comps.max_text_tokens, output_type="np",
-               generator=torch.Generator(device="cpu").manual_seed(seed))
-    frames = out.frames[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    video = write_mp4(frames, out_dir / "video.mp4", fps=fps)
-    grid = keyframe_grid(frames, out_dir / "keyframes.png")
+    settings = SamplerSettings(steps, guidance_scale, num_frames, height, width, fps)
+    frames = sample_video(pipe, comps, prompt, settings, seed)
+    out_dir = Path(out_dir)
+    video, grid = write_outputs(frames, out_dir, fps)
     meta = {"prompt": prompt, "lora": lora, "base_model": comps.source, "steps": steps,
             "guidance_scale": guidance_scale, "seed": seed, "frames": int(frames.shape[0]),
-            "video": str(video), "keyframes": str(grid)}
+            "video": str(video), "keyframes": str(grid), "frames_sha256": frames_sha256(frames)}
     (out_dir / "generation.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Generate a video (mp4 + keyframe grid) with an exported relation LoRA.")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--lora", help="folder (or file) written by training's export: <run>/<relation>/lora")
-    p.add_argument("--preset", default="tiny", help="'tiny' or a local diffusers Mochi-1 folder")
-    p.add_argument("--output-dir", default="runs/generate")
+# ------------------------------------------------------------------------------------------ batches
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """One video of a batch. `kind` is "lora" (the relation's LoRA) or "base" (no LoRA, the relation's prompts)."""
+    relation: str
+    kind: str
+    prompt_index: int
+    prompt: str
+    seed: int
+    lora: str | None              # the LoRA folder
+    lora_sha256: str | None
+    folder: str                   # relative to the batch folder
+
+    def request(self, base_model: str, settings: SamplerSettings) -> dict:
+        """What the item's video depends on: a generation.json with another request is stale."""
+        return {"relation": self.relation, "kind": self.kind, "prompt": self.prompt, "seed": self.seed,
+                "lora_sha256": self.lora_sha256, "base_model": base_model, **asdict(settings)}
+
+
+def relation_prompts(relation, prompts: str | Sequence[str], num_prompts: int | None = None) -> list[str]:
+    """The prompts of a catalog relation: "eval" (its evaluation prompts), "train" (its training prompt) or a
+    list (the same prompts for every relation); `num_prompts` keeps the first N."""
+    if isinstance(prompts, str):
+        if prompts == "eval":
+            chosen = list(relation.eval_prompts)
+            if not chosen:
+                raise ValueError(f"relation {relation.name!r} has no eval_prompts in its catalog; pass prompts="
+                                 f"'train' or a list of prompts")
+        elif prompts == "train":
+            chosen = [relation.prompt]
+        else:
+            raise ValueError(f"prompts must be 'eval', 'train' or a list of prompts, got {prompts!r}")
+    else:
+        chosen = [str(p) for p in prompts]
+        if not chosen or not all(p.strip() for p in chosen):
+            raise ValueError("the prompt list is empty or holds an empty prompt")
+    if num_prompts is not None:
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        chosen = chosen[:num_prompts]
+    return chosen
+
+
+def item_complete(out: Path, item: GenerationItem, request: dict) -> bool:
+    """The item's folder holds generation.json for the same request, and its video and keyframes."""
+    folder = out / item.folder
+    try:
+        meta = json.loads((folder / "generation.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("request") == request and (folder / "video.mp4").is_file() and \
+        (folder / "keyframes.png").is_file()
+
+
+def _write_item(out: Path, item: GenerationItem, request: dict, frames: np.ndarray, seconds: float,
+                device: str) -> None:
+    final = out / item.folder
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_outputs(frames, tmp, request["fps"])
+    meta = {"request": request, "relation": item.relation, "kind": item.kind, "prompt_index": item.prompt_index,
+            "prompt": item.prompt, "seed": item.seed, "lora": item.lora, "sampler": SAMPLER,
+            "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+            "video": "video.mp4", "keyframes": "keyframes.png", "frames_sha256": frames_sha256(frames),
+            "seconds": round(seconds, 3), "device": device}
+    (tmp / "generation.json").write_text(json.dumps(meta, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+
+
+def generate_group(out: str, preset: str, settings: SamplerSettings, lora: str | None, items: list[GenerationItem],
+                   vae_tiling: bool = False, progress=None) -> int:
+    """Generate the pending `items` that share `lora` (None: the base model) into `out`, loading the pipeline
+    once. Returns how many videos were made. `progress` is called once per item (made or skipped)."""
+    out_path = Path(out)
+    comps = pipe = None
+    made = 0
+    try:
+        for item in items:
+            request = item.request("tiny" if preset == "tiny" else str(Path(preset)), settings)
+            if not item_complete(out_path, item, request):
+                if pipe is None:
+                    comps, pipe = load_pipeline(preset, vae_tiling=vae_tiling, progress_bar=False)
+                    if lora is not None:
+                        pipe.load_lora_weights(lora, adapter_name=_adapter_name(item.relation))
+                started = time.perf_counter()
+                frames = sample_video(pipe, comps, item.prompt, settings, item.seed)
+                _write_item(out_path, item, request, frames, time.perf_counter() - started, str(pipe.device))
+                made += 1
+            if progress is not None:
+                progress(item)
+    finally:
+        if pipe is not None and lora is not None:
+            pipe.delete_adapters(_adapter_name(items[0].relation))
+    return made
+
+
+def _adapter_name(relation: str) -> str:
+    return f"relation_{relation}"
+
+
+class _Generator:
+    """Runs groups of items in this process on one pipeline, loading and deleting each group's LoRA."""
+
+    def __init__(self, preset: str, vae_tiling: bool):
+        self.preset, self.vae_tiling = preset, vae_tiling
+        self.comps = self.pipe = None
+
+    def run(self, out: Path, settings: SamplerSettings, lora: str | None, items: list[GenerationItem],
+            progress) -> int:
+        base_model = "tiny" if self.preset == "tiny" else str(Path(self.preset))
+        pending = [i for i in items if not item_complete(out, i, i.request(base_model, settings))]
+        for item in items:
+            if item not in pending:
+                progress(item)
+        if not pending:
+            return 0
+        if self.pipe is None:
+            self.comps, self.pipe = load_pipeline(self.preset, vae_tiling=self.vae_tiling, progress_bar=False)
+        name = _adapter_name(items[0].relation)
+        if lora is not None:
+            self.pipe.load_lora_weights(lora, adapter_name=name)
+        try:
+            for item in pending:
+                started = time.perf_counter()
+                frames = sample_video(self.pipe, self.comps, item.prompt, settings, item.seed)
+                _write_item(out, item, item.request(base_model, settings), frames, time.perf_counter() - started,
+                            str(self.pipe.device))
+                progress(item)
+        finally:
+            if lora is not None:
+                self.pipe.delete_adapters(name)
+        return len(pending)
+
+
+def _ray_gpus() -> int:
+    """GPUs of the Ray cluster (a local one is started if none is running); 0 without Ray or GPUs."""
+    try:
+        import ray
+    except ImportError:
+        log.warning("ray is not installed (pip install -e .[ray]): generating in this process")
+        return 0
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _run_with_ray(out: Path, preset: str, settings: SamplerSettings, groups: dict, vae_tiling: bool, bar) -> int:
+    """One Ray task per group (one relation's LoRA, or the base model), each on one GPU."""
+    import ray
+
+    task = ray.remote(num_gpus=1)(generate_group)
+    futures = {task.remote(str(out), preset, settings, lora, items, vae_tiling): len(items)
+               for lora, items in groups.items()}
+    made, waiting = 0, list(futures)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        made += ray.get(done[0])
+        bar.update(futures[done[0]])
+    return made
+
+
+def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
+                   prompts: str | Sequence[str] = "eval", seeds: Sequence[int] = (0,), preset: str | None = None,
+                   steps: int = 64, guidance_scale: float = 6.0, num_frames: int | None = None,
+                   height: int | None = None, width: int | None = None, fps: int = 30, include_base: bool = True,
+                   out_dir: str | Path | None = None, num_prompts: int | None = None, use_ray: bool = False,
+                   vae_tiling: bool = False, progress: bool = True) -> dict:
+    """Generate a run's evaluation videos (see the module docstring for the layout) and write `<out>/index.json`.
+
+    relations: names of finished relations of the run (default: all of them). prompts: "eval", "train" or a list
+    (see `relation_prompts`), the first `num_prompts` of them. preset: the base model (default: the one the run
+    trained on). num_frames / height / width: default to the run's training clip size (61 x 480 x 848 when its
+    dataset manifest is not found). use_ray: with Ray and GPUs, one task per relation on its own GPU; otherwise
+    (and on CPU) the groups run one after another in this process. Returns the index (with `generated` and
+    `skipped` counts of this call).
+    """
+    from tqdm.auto import tqdm
+
+    from dr_train.catalog import load_catalog
+
+    run_dir = Path(run_dir)
+    chosen = run_relations(run_dir, relations)
+    configs = {name: relation_config(run_dir, name) for name in chosen}
+    presets = {cfg.model.preset for cfg in configs.values()}
+    if preset is None:
+        if len(presets) != 1:
+            raise ValueError(f"the relations of {run_dir} were trained on different models {sorted(presets)}; "
+                             f"pass preset")
+        preset = presets.pop()
+    first_cfg = next(iter(configs.values()))
+    size = training_clip_size(first_cfg) or PAPER_CLIP
+    settings = SamplerSettings(steps, guidance_scale, num_frames or size[0], height or size[1], width or size[2],
+                               fps).check()
+    seeds = [int(s) for s in dict.fromkeys(seeds)]
+    if not seeds:
+        raise ValueError("no seeds given")
+    out = Path(out_dir) if out_dir is not None else run_dir / "eval" / "videos"
+    groups: dict[str | None, list[GenerationItem]] = {}
+    for name, folder in chosen.items():
+        catalog = load_catalog(configs[name].data.catalog or None)
+        if name not in catalog:
+            raise ValueError(f"relation {name!r} of {run_dir} is not in its catalog "
+                             f"{configs[name].data.catalog or 'datasets/relations.yaml'}")
+        lora = folder / "lora"
+        digest = sha256_file(lora / LORA_FILE)
+        for index, prompt in enumerate(relation_prompts(catalog[name], prompts, num_prompts)):
+            for seed in seeds:
+                leaf = f"{index:02d}_s{seed}"
+                groups.setdefault(str(lora), []).append(
+                    GenerationItem(name, "lora", index, prompt, seed, str(lora), digest, f"{name}/{leaf}"))
+                if include_base:
+                    groups.setdefault(None, []).append(
+                        GenerationItem(name, "base", index, prompt, seed, None, None, f"{BASE}/{name}/{leaf}"))
+    if None in groups:                                   # the base model first
+        groups = {None: groups.pop(None), **groups}
+    items = [i for group in groups.values() for i in group]
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(items), desc="generate", unit="video", dynamic_ncols=True, disable=not progress)
+    try:
+        if use_ray and _ray_gpus() >= 1:
+            made = _run_with_ray(out, preset, settings, groups, vae_tiling, bar)
+        else:
+            if use_ray:
+                log.warning("no GPU in the Ray cluster: generating in this process, one relation after another")
+            runner = _Generator(preset, vae_tiling)
+            made = sum(runner.run(out, settings, lora, group, lambda _: bar.update(1)) for lora, group in groups.items())
+    finally:
+        bar.close()
+    index = write_index(out, run_dir, preset, settings, items, seeds, prompts, num_prompts)
+    return {**index, "generated": made, "skipped": len(items) - made}
+
+
+def write_index(out: Path, run_dir: Path, preset: str, settings: SamplerSettings, items: list[GenerationItem],
+                seeds: list[int], prompts, num_prompts: int | None) -> dict:
+    """`<out>/index.json`: the batch's settings and every item with its files (paths relative to `out`)."""
+    rows = []
+    for item in items:
+        meta = json.loads((out / item.folder / "generation.json").read_text())
+        rows.append({"relation": item.relation, "kind": item.kind, "prompt_index": item.prompt_index,
+                     "prompt": item.prompt, "seed": item.seed, "lora": item.lora, "folder": item.folder,
+                     "video": f"{item.folder}/video.mp4", "keyframes": f"{item.folder}/keyframes.png",
+                     "generation": f"{item.folder}/generation.json", "frames_sha256": meta["frames_sha256"]})
+    index = {"run_dir": str(run_dir), "base_model": preset, "sampler": SAMPLER, "settings": asdict(settings),
+             "prompts": prompts if isinstance(prompts, str) else list(prompts), "num_prompts": num_prompts,
+             "seeds": seeds, "relations": sorted({i.relation for i in items}),
+             "include_base": any(i.kind == "base" for i in items), "videos": len(rows), "items": rows}
+    tmp = out / f".{INDEX}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, out / INDEX)
+    return index
+
+
+def load_index(videos_dir: str | Path) -> dict:
+    """A batch's index.json; ValueError naming the file when it is missing or malformed."""
+    path = Path(videos_dir) / INDEX
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: generate the videos first (launch/generate.py --run RUN)")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("items"), list) or "settings" not in index:
+        raise ValueError(f"{path} is not a batch index written by generate_batch")
+    return index
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be a comma list of integers, got {text!r}") from None
+
+
+def _prompt_spec(text: str) -> str | list[str]:
+    if text in ("eval", "train"):
+        return text
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"--prompts must be 'eval', 'train' or a text file with one prompt per line; {path} "
+                         f"does not exist")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate videos (mp4 + keyframe grid) with exported relation LoRAs: "
+                                            "one prompt (--prompt) or a whole training run (--run).")
+    p.add_argument("--prompt", help="one prompt: generate a single video")
+    p.add_argument("--lora", help="with --prompt: folder (or file) written by training's export: <run>/<relation>/lora")
+    p.add_argument("--run", help="a training run folder: every finished relation x its prompts x seeds, + base model")
+    p.add_argument("--relations", help="with --run: comma list of relations (default: all finished ones)")
+    p.add_argument("--prompts", default="eval", help="with --run: eval (the catalog's evaluation prompts), train "
+                                                     "(the training prompt) or a text file, one prompt per line")
+    p.add_argument("--num-prompts", type=int, help="with --run: only the first N prompts of each relation")
+    p.add_argument("--seeds", type=_seeds, default=[0], help="with --run: comma list of seeds (default 0)")
+    p.add_argument("--no-base", action="store_true", help="with --run: skip the base model's videos")
+    p.add_argument("--ray", action="store_true", help="with --run: one Ray task per relation on its own GPU")
+    p.add_argument("--preset", help="'tiny' or a local diffusers Mochi-1 folder (default: tiny; with --run: the "
+                                    "run's model)")
+    p.add_argument("--output-dir", help="default: runs/generate (--prompt) or <run>/eval/videos (--run)")
     p.add_argument("--steps", type=int, default=64, help="Euler sampler steps")
     p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance scale")
-    p.add_argument("--num-frames", type=int, default=61)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=848)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    if (a.num_frames - 1) % 6:
-        print(f"error: --num-frames must be 1 + 6k (Mochi's VAE), got {a.num_frames}", file=sys.stderr)
+    p.add_argument("--num-frames", type=int, help="default 61 (--run: the run's training clip length)")
+    p.add_argument("--height", type=int, help="default 480 (--run: the run's training clip height)")
+    p.add_argument("--width", type=int, help="default 848 (--run: the run's training clip width)")
+    p.add_argument("--fps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0, help="with --prompt: the seed")
+    p.add_argument("--vae-tiling", action="store_true", help="decode with the VAE's tiling (less GPU memory)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if (a.prompt is None) == (a.run is None):
+        print("error: give either --prompt (one video) or --run (a training run's evaluation set)", file=sys.stderr)
         return 2
-    meta = generate(a.prompt, Path(a.output_dir), a.lora, a.preset, a.steps, a.guidance_scale, a.num_frames,
-                    a.height, a.width, a.seed)
-    print(json.dumps(meta, indent=1))
+    try:
+        if a.prompt is not None:
+            frames = a.num_frames or PAPER_CLIP[0]
+            SamplerSettings(a.steps, a.guidance_scale, frames, a.height or PAPER_CLIP[1], a.width or PAPER_CLIP[2],
+                            a.fps).check()
+            meta = generate(a.prompt, Path(a.output_dir or "runs/generate"), a.lora, a.preset or "tiny", a.steps,
+                            a.guidance_scale, frames, a.height or PAPER_CLIP[1], a.width or PAPER_CLIP[2], a.seed,
+                            a.fps)
+            print(json.dumps(meta, indent=1))
+            return 0
+        relations = [r.strip() for r in a.relations.split(",") if r.strip()] if a.relations else None
+        index = generate_batch(a.run, relations, _prompt_spec(a.prompts), a.seeds, a.preset, a.steps,
+                               a.guidance_scale, a.num_frames, a.height, a.width, a.fps, not a.no_base,
+                               a.output_dir, a.num_prompts, a.ray, a.vae_tiling)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.output_dir) if a.output_dir else Path(a.run) / "eval" / "videos"
+    print(f"{index['videos']} videos ({index['generated']} generated, {index['skipped']} already there); "
+          f"index: {out / INDEX}")
     return 0

@@ -265,9 +265,9 @@ def _clips(jobs: list[VideoJob], cfg: PrepareConfig, pool) -> Iterator[tuple[Vid
         yield job, clip, error
 
 
-def prepare_dataset(out: str | Path, jobs: list[VideoJob], cfg: PrepareConfig, encoder,
-                    device: torch.device | str = "cpu") -> dict:
-    """Build or extend the dataset at `out` with `jobs`; returns a summary (shards built/kept, samples, skips)."""
+def prepare_dataset(out: str | Path, jobs: list[VideoJob], cfg: PrepareConfig, encoder) -> dict:
+    """Build or extend the dataset at `out` with `jobs`; returns a summary (shards built/kept, samples, skips).
+    Detection and segmentation run on the encoder's device."""
     out = Path(out)
     if not jobs:
         raise ValueError("no videos to prepare")
@@ -300,7 +300,7 @@ def prepare_dataset(out: str | Path, jobs: list[VideoJob], cfg: PrepareConfig, e
             if name not in {p[1] for p in planned}:       # the relation now has fewer shards
                 del entries[name]
                 (out / name).unlink(missing_ok=True)
-        segmenter = _Segmenter(cfg, device)
+        segmenter = _Segmenter(cfg, encoder.device)
         # spawned, single-threaded workers: a forked child of a process that already ran torch's OpenMP can hang
         pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=torch.set_num_threads, initargs=(1,)) if cfg.workers > 0 else None
