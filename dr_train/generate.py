@@ -275,30 +275,15 @@ def _write_item(out: Path, item: GenerationItem, request: dict, frames: np.ndarr
 
 
 def generate_group(out: str, preset: str, settings: SamplerSettings, lora: str | None, items: list[GenerationItem],
-                   vae_tiling: bool = False, progress=None) -> int:
-    """Generate the pending `items` that share `lora` (None: the base model) into `out`, loading the pipeline
-    once. Returns how many videos were made. `progress` is called once per item (made or skipped)."""
-    out_path = Path(out)
-    comps = pipe = None
-    made = 0
-    try:
-        for item in items:
-            request = item.request("tiny" if preset == "tiny" else str(Path(preset)), settings)
-            if not item_complete(out_path, item, request):
-                if pipe is None:
-                    comps, pipe = load_pipeline(preset, vae_tiling=vae_tiling, progress_bar=False)
-                    if lora is not None:
-                        pipe.load_lora_weights(lora, adapter_name=_adapter_name(item.relation))
-                started = time.perf_counter()
-                frames = sample_video(pipe, comps, item.prompt, settings, item.seed)
-                _write_item(out_path, item, request, frames, time.perf_counter() - started, str(pipe.device))
-                made += 1
-            if progress is not None:
-                progress(item)
-    finally:
-        if pipe is not None and lora is not None:
-            pipe.delete_adapters(_adapter_name(items[0].relation))
-    return made
+                   vae_tiling: bool = False) -> int:
+    """Generate the pending `items` that share `lora` (None: the base model) into `out` in this process (the body
+    of one Ray task). Returns how many videos were made."""
+    return _Generator(preset, vae_tiling).run(Path(out), settings, lora, items, lambda _: None)
+
+
+def base_model_name(preset: str) -> str:
+    """How generation.json names the base model (as `load_mochi` does)."""
+    return "tiny" if preset == "tiny" else str(Path(preset))
 
 
 def _adapter_name(relation: str) -> str:
@@ -314,7 +299,7 @@ class _Generator:
 
     def run(self, out: Path, settings: SamplerSettings, lora: str | None, items: list[GenerationItem],
             progress) -> int:
-        base_model = "tiny" if self.preset == "tiny" else str(Path(self.preset))
+        base_model = base_model_name(self.preset)
         pending = [i for i in items if not item_complete(out, i, i.request(base_model, settings))]
         for item in items:
             if item not in pending:
@@ -339,8 +324,14 @@ class _Generator:
         return len(pending)
 
 
+RAY_GPUS_PER_TASK = 1.0
+
+
 def _ray_gpus() -> int:
-    """GPUs of the Ray cluster (a local one is started if none is running); 0 without Ray or GPUs."""
+    """GPUs of the Ray cluster: the one at $RAY_ADDRESS, the running one, or a local one started here when this
+    machine has CUDA GPUs; 0 without Ray or GPUs (Ray is then not started)."""
+    if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
+        return 0
     try:
         import ray
     except ImportError:
@@ -355,7 +346,7 @@ def _run_with_ray(out: Path, preset: str, settings: SamplerSettings, groups: dic
     """One Ray task per group (one relation's LoRA, or the base model), each on one GPU."""
     import ray
 
-    task = ray.remote(num_gpus=1)(generate_group)
+    task = ray.remote(num_gpus=RAY_GPUS_PER_TASK)(generate_group)
     futures = {task.remote(str(out), preset, settings, lora, items, vae_tiling): len(items)
                for lora, items in groups.items()}
     made, waiting = 0, list(futures)

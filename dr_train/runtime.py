@@ -1,4 +1,4 @@
-"""Device, precision and determinism for a single process (multi-rank setup arrives with the distributed module)."""
+"""Precision and determinism of one process (ranks, devices and DeepSpeed live in dr_train/distributed.py)."""
 from __future__ import annotations
 
 import os
