@@ -81,6 +81,7 @@ def tiny_step_seconds(steps: int) -> float:
     from dr_train.catalog import load_catalog
     from dr_train.config import load_config
     from dr_train.data.sources import resolve_dataset
+    from dr_train.distributed import Dist
     from dr_train.model import load_mochi
     from dr_train.trainer import RelationRun
 
@@ -88,7 +89,7 @@ def tiny_step_seconds(steps: int) -> float:
         cfg = load_config(None, [f"data.cache_dir={tmp}/cache", f"train.output_dir={tmp}/runs"])
         relation = load_catalog()["handshaking"]
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        run = RelationRun(cfg, load_mochi("tiny"), relation, Path(tmp) / "r", device,
+        run = RelationRun(cfg, load_mochi("tiny"), relation, Path(tmp) / "r", Dist(device=device),
                           resolve_dataset(cfg, [relation]))
         times = []
         for _ in range(steps):
