@@ -259,8 +259,10 @@ def item_complete(out: Path, item: GenerationItem, request: dict) -> bool:
 def _write_item(out: Path, item: GenerationItem, request: dict, frames: np.ndarray, seconds: float,
                 device: str) -> None:
     final = out / item.folder
+    if final.parent.is_dir():                 # temporary folders of this item left by a killed process
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     write_outputs(frames, tmp, request["fps"])
     meta = {"request": request, "relation": item.relation, "kind": item.kind, "prompt_index": item.prompt_index,
             "prompt": item.prompt, "seed": item.seed, "lora": item.lora, "sampler": SAMPLER,
@@ -362,20 +364,22 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
                    steps: int = 64, guidance_scale: float = 6.0, num_frames: int | None = None,
                    height: int | None = None, width: int | None = None, fps: int = 30, include_base: bool = True,
                    out_dir: str | Path | None = None, num_prompts: int | None = None, use_ray: bool = False,
-                   vae_tiling: bool = False, progress: bool = True) -> dict:
+                   vae_tiling: bool = False, progress: bool = True, include_lora: bool = True) -> dict:
     """Generate a run's evaluation videos (see the module docstring for the layout) and write `<out>/index.json`.
 
     relations: names of finished relations of the run (default: all of them). prompts: "eval", "train" or a list
     (see `relation_prompts`), the first `num_prompts` of them. preset: the base model (default: the one the run
     trained on). num_frames / height / width: default to the run's training clip size (61 x 480 x 848 when its
     dataset manifest is not found). use_ray: with Ray and GPUs, one task per relation on its own GPU; otherwise
-    (and on CPU) the groups run one after another in this process. Returns the index (with `generated` and
-    `skipped` counts of this call).
+    (and on CPU) the groups run one after another in this process. include_lora=False makes only the base model's
+    videos. Returns the index (with `generated` and `skipped` counts of this call).
     """
     from tqdm.auto import tqdm
 
     from dr_train.catalog import load_catalog
 
+    if not (include_lora or include_base):
+        raise ValueError("nothing to generate: include_lora and include_base are both off")
     run_dir = Path(run_dir)
     chosen = run_relations(run_dir, relations)
     configs = {name: relation_config(run_dir, name) for name in chosen}
@@ -395,6 +399,8 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
     out = Path(out_dir) if out_dir is not None else run_dir / "eval" / "videos"
     groups: dict[str | None, list[GenerationItem]] = {}
     for name, folder in chosen.items():
+        if name == BASE:
+            raise ValueError(f"a relation named {BASE!r} ({folder}) would share the base model's video folder")
         catalog = load_catalog(configs[name].data.catalog or None)
         if name not in catalog:
             raise ValueError(f"relation {name!r} of {run_dir} is not in its catalog "
@@ -404,8 +410,9 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
         for index, prompt in enumerate(relation_prompts(catalog[name], prompts, num_prompts)):
             for seed in seeds:
                 leaf = f"{index:02d}_s{seed}"
-                groups.setdefault(str(lora), []).append(
-                    GenerationItem(name, "lora", index, prompt, seed, str(lora), digest, f"{name}/{leaf}"))
+                if include_lora:
+                    groups.setdefault(str(lora), []).append(
+                        GenerationItem(name, "lora", index, prompt, seed, str(lora), digest, f"{name}/{leaf}"))
                 if include_base:
                     groups.setdefault(None, []).append(
                         GenerationItem(name, "base", index, prompt, seed, None, None, f"{BASE}/{name}/{leaf}"))
@@ -421,7 +428,8 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
             if use_ray:
                 log.warning("no GPU in the Ray cluster: generating in this process, one relation after another")
             runner = _Generator(preset, vae_tiling)
-            made = sum(runner.run(out, settings, lora, group, lambda _: bar.update(1)) for lora, group in groups.items())
+            made = sum(runner.run(out, settings, lora, group, lambda _: bar.update(1))
+                       for lora, group in groups.items())
     finally:
         bar.close()
     index = write_index(out, run_dir, preset, settings, items, seeds, prompts, num_prompts)
@@ -484,30 +492,44 @@ def _prompt_spec(text: str) -> str | list[str]:
     return lines
 
 
+def add_batch_args(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
+    """The options of `generate_batch` that launch/generate.py, launch/evaluate.py and launch/ablate.py share
+    (`steps_flag` names the sampler-steps option where --steps means something else)."""
+    p.add_argument("--prompts", default="eval", help="eval (the catalog's evaluation prompts), train (the training "
+                                                     "prompt) or a text file with one prompt per line")
+    p.add_argument("--num-prompts", type=int, help="only the first N prompts of each relation")
+    p.add_argument("--seeds", type=_seeds, default=[0], help="comma list of seeds (default 0)")
+    p.add_argument(steps_flag, dest="steps", type=int, default=64, help="Euler sampler steps (default 64)")
+    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance scale (default 6.0)")
+    p.add_argument("--num-frames", type=int, help="frames, 1 + 6k (default: the run's training clip length; "
+                                                  "61 with --prompt)")
+    p.add_argument("--height", type=int, help="default: the run's training clip height (480 with --prompt)")
+    p.add_argument("--width", type=int, help="default: the run's training clip width (848 with --prompt)")
+    p.add_argument("--fps", type=int, default=30)
+    p.add_argument("--preset", help="'tiny' or a local diffusers Mochi-1 folder (default: the run's model; tiny "
+                                    "with --prompt)")
+    p.add_argument("--ray", action="store_true", help="one Ray task per relation on its own GPU (needs GPUs)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode with the VAE's tiling (less GPU memory)")
+
+
+def batch_kwargs(a: argparse.Namespace) -> dict:
+    """`generate_batch` keyword arguments from the options of `add_batch_args`."""
+    return {"prompts": _prompt_spec(a.prompts), "num_prompts": a.num_prompts, "seeds": a.seeds, "preset": a.preset,
+            "steps": a.steps, "guidance_scale": a.guidance_scale, "num_frames": a.num_frames, "height": a.height,
+            "width": a.width, "fps": a.fps, "use_ray": a.ray, "vae_tiling": a.vae_tiling}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate videos (mp4 + keyframe grid) with exported relation LoRAs: "
                                             "one prompt (--prompt) or a whole training run (--run).")
     p.add_argument("--prompt", help="one prompt: generate a single video")
     p.add_argument("--lora", help="with --prompt: folder (or file) written by training's export: <run>/<relation>/lora")
+    p.add_argument("--seed", type=int, default=0, help="with --prompt: the seed")
     p.add_argument("--run", help="a training run folder: every finished relation x its prompts x seeds, + base model")
     p.add_argument("--relations", help="with --run: comma list of relations (default: all finished ones)")
-    p.add_argument("--prompts", default="eval", help="with --run: eval (the catalog's evaluation prompts), train "
-                                                     "(the training prompt) or a text file, one prompt per line")
-    p.add_argument("--num-prompts", type=int, help="with --run: only the first N prompts of each relation")
-    p.add_argument("--seeds", type=_seeds, default=[0], help="with --run: comma list of seeds (default 0)")
     p.add_argument("--no-base", action="store_true", help="with --run: skip the base model's videos")
-    p.add_argument("--ray", action="store_true", help="with --run: one Ray task per relation on its own GPU")
-    p.add_argument("--preset", help="'tiny' or a local diffusers Mochi-1 folder (default: tiny; with --run: the "
-                                    "run's model)")
     p.add_argument("--output-dir", help="default: runs/generate (--prompt) or <run>/eval/videos (--run)")
-    p.add_argument("--steps", type=int, default=64, help="Euler sampler steps")
-    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance scale")
-    p.add_argument("--num-frames", type=int, help="default 61 (--run: the run's training clip length)")
-    p.add_argument("--height", type=int, help="default 480 (--run: the run's training clip height)")
-    p.add_argument("--width", type=int, help="default 848 (--run: the run's training clip width)")
-    p.add_argument("--fps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0, help="with --prompt: the seed")
-    p.add_argument("--vae-tiling", action="store_true", help="decode with the VAE's tiling (less GPU memory)")
+    add_batch_args(p)
     return p
 
 
@@ -519,18 +541,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if a.prompt is not None:
-            frames = a.num_frames or PAPER_CLIP[0]
-            SamplerSettings(a.steps, a.guidance_scale, frames, a.height or PAPER_CLIP[1], a.width or PAPER_CLIP[2],
-                            a.fps).check()
-            meta = generate(a.prompt, Path(a.output_dir or "runs/generate"), a.lora, a.preset or "tiny", a.steps,
-                            a.guidance_scale, frames, a.height or PAPER_CLIP[1], a.width or PAPER_CLIP[2], a.seed,
-                            a.fps)
+            c = SamplerSettings(a.steps, a.guidance_scale, a.num_frames or PAPER_CLIP[0], a.height or PAPER_CLIP[1],
+                                a.width or PAPER_CLIP[2], a.fps).check()
+            meta = generate(a.prompt, Path(a.output_dir or "runs/generate"), a.lora, a.preset or "tiny", c.steps,
+                            c.guidance_scale, c.num_frames, c.height, c.width, a.seed, c.fps)
             print(json.dumps(meta, indent=1))
             return 0
         relations = [r.strip() for r in a.relations.split(",") if r.strip()] if a.relations else None
-        index = generate_batch(a.run, relations, _prompt_spec(a.prompts), a.seeds, a.preset, a.steps,
-                               a.guidance_scale, a.num_frames, a.height, a.width, a.fps, not a.no_base,
-                               a.output_dir, a.num_prompts, a.ray, a.vae_tiling)
+        index = generate_batch(a.run, relations, include_base=not a.no_base, out_dir=a.output_dir, **batch_kwargs(a))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

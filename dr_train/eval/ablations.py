@@ -1,0 +1,279 @@
+"""The paper's ablations (Tables 2 and 3) and the direct-LoRA baseline as config variants: each variant is trained
+into `<out>/<variant>/`, its videos generated and evaluated (`generate_batch`, `evaluate_run`, `build_report`),
+and one table collects the overall relation-LoRA row of every variant beside the paper's numbers.
+
+A variant is only config: a file of `configs/ablations/` and/or `lora.placement` presets (their semantics live in
+`dr_train/lora.py` and docs/method.md). Variants without a relation or an FFN adapter export the inference adapters
+they have (`lora.export_adapters`: ffn alone, relation alone), since the paper's inference uses relation + FFN.
+A finished variant (`<out>/<variant>/ABLATION.json`) is skipped on a re-run with the same settings. The base model
+(no LoRA) is generated and evaluated once into `<out>/base/` for a reference row.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from dr_train.eval.report import KIND_LABEL, PAPER_SOURCE, format_metric
+from dr_train.generate import config_overrides
+
+log = logging.getLogger("dr_train")
+
+ABLATION_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ablations"
+DONE_FILE = "ABLATION.json"
+BASE_FOLDER = "base"
+TABLE_CSV = "ablations.csv"
+TABLE_MD = "ablations.md"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the paper's Table 2 or 3 (or the Table 1 direct-LoRA baseline) as config."""
+    name: str
+    tables: tuple[str, ...]          # "2", "3", "1"
+    label: str                       # the paper's row label
+    relation_lora: str               # where the relation LoRA goes (Table 3's columns)
+    subject_lora: str
+    config_file: str | None          # a file in configs/ablations/
+    overrides: tuple[str, ...]
+    paper: tuple[str, str, str, str]  # the paper's RelAcc, CLIP-T, TempCons, FVD
+
+    def config_overrides(self) -> list[str]:
+        """The variant's overrides: its configs/ablations file first, then its own lines."""
+        out: list[str] = []
+        if self.config_file:
+            path = ABLATION_CONFIGS / self.config_file
+            if not path.is_file():
+                raise ValueError(f"ablation config {path} is missing")
+            out += config_overrides(yaml.safe_load(path.read_text()) or {}, str(path))
+        return out + list(self.overrides)
+
+
+_FULL_PAPER = ("0.4452±0.01", "0.3248", "0.9954", "2079.87")
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("full", ("2", "3"), "full (relation LoRA on Q, K)", "Q, K", "V", None, (), _FULL_PAPER),
+    Variant("w_o_hmt", ("2",), "w/o hybrid mask training (HMT)", "Q, K", "V", "w_o_hmt.yaml", (),
+            ("0.3574±0.02", "0.3244", "0.9938", "2248.52")),
+    Variant("w_o_rcl", ("2",), "w/o relational contrastive loss (RCL)", "Q, K", "V", "w_o_rcl.yaml", (),
+            ("0.3416±0.03", "0.3185", "0.9953", "2136.95")),
+    Variant("w_o_relation", ("2",), "w/o Relation LoRAs", "—", "V", None,
+            ("lora.placement=no_relation", "lora.export_adapters=[ffn]"),
+            ("0.3626±0.02", "0.3035", "0.9950", "2318.49")),
+    Variant("w_o_subject", ("2",), "w/o Subject LoRAs", "Q, K", "—", None, ("lora.placement=no_subject",),
+            ("0.3769±0.04", "0.3147", "0.9949", "2408.59")),
+    Variant("w_o_ffn", ("2",), "w/o FFN LoRAs", "Q, K", "V", None,
+            ("lora.placement=no_ffn", "lora.export_adapters=[relation]"),
+            ("0.4021±0.03", "0.3241", "0.9914", "2369.98")),
+    Variant("relation_v", ("3",), "Relation LoRA on V", "V", "Q, K", None, ("lora.placement=relation_v",),
+            ("0.3444±0.02", "0.3225", "0.9953", "2233.48")),
+    Variant("relation_q", ("3",), "Relation LoRA on Q", "Q", "K, V", None, ("lora.placement=relation_q",),
+            ("0.3921±0.03", "0.3301", "0.9951", "2284.65")),
+    Variant("relation_kv", ("3",), "Relation LoRA on K, V", "K, V", "Q", None, ("lora.placement=relation_kv",),
+            ("0.3937±0.04", "0.3196", "0.9954", "2180.27")),
+    Variant("direct", ("1",), "Direct LoRA fine-tuning (Q, K, V, FFN)", "Q, K, V (whole)", "—",
+            "direct_lora.yaml", (), ("0.3258±0.05", "0.2966", "0.9945", "2229.08")),
+)}
+GROUPS = {"all": list(VARIANTS), "table2": [n for n, v in VARIANTS.items() if "2" in v.tables],
+          "table3": [n for n, v in VARIANTS.items() if "3" in v.tables]}
+PAPER_BASE = ("Mochi (base model)", "0.2623±0.04", "0.3237", "0.9888", "2047.37")
+OURS = (("vlm_relation_accuracy", "RelAcc (VLM)"), ("judge_accuracy", "Judge acc."), ("clip_t", "CLIP-T"),
+        ("temporal_consistency", "TempCons"), ("fvd", "FVD"))
+PAPER_COLUMNS = ("paper RelAcc", "paper CLIP-T", "paper TempCons", "paper FVD")
+
+
+def select_variants(spec: str | Sequence[str]) -> list[str]:
+    """'all', 'table2', 'table3', or a comma list / list of variant names -> names in the table's order."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
+    chosen: list[str] = []
+    for name in (n for n in names if n):
+        if name in GROUPS:
+            chosen += GROUPS[name]
+        elif name in VARIANTS:
+            chosen.append(name)
+        else:
+            raise ValueError(f"unknown ablation variant {name!r}; variants: {', '.join(VARIANTS)} (or "
+                             f"{', '.join(GROUPS)})")
+    if not chosen:
+        raise ValueError("no ablation variants selected")
+    return [n for n in VARIANTS if n in set(chosen)]
+
+
+def variant_config(variant: str, relations: Sequence[str], out_dir: Path, steps: int | None = None,
+                   config: str | Path | None = None, overrides: Sequence[str] = ()):
+    """The training Config of a variant: the user's config file, the variant's overrides, the user's overrides,
+    then relations, output folder and (when given) the step count."""
+    from dr_train.config import load_config
+
+    items = VARIANTS[variant].config_overrides() + list(overrides)
+    items += [f"train.relations={json.dumps(list(relations))}", f"train.output_dir={json.dumps(str(out_dir))}"]
+    if steps is not None:
+        items.append(f"train.max_steps={int(steps)}")
+    return load_config(config, items)
+
+
+def _settings(variant: str, relations, steps, config, overrides, generation: dict, evaluation: dict) -> dict:
+    """What a variant's row depends on (a finished variant with other settings is not reused)."""
+    ev = {k: (v.describe() if hasattr(v, "describe") else str(v) if isinstance(v, Path) else v)
+          for k, v in evaluation.items()}
+    return json.loads(json.dumps({"variant": variant, "relations": list(relations), "steps": steps,
+                                  "config": str(config) if config else None, "overrides": list(overrides),
+                                  "variant_overrides": VARIANTS[variant].config_overrides()
+                                  if variant in VARIANTS else [],
+                                  "generation": generation, "evaluation": ev}, default=str))
+
+
+def run_variant(variant: str, out_dir: Path, relations: Sequence[str], steps: int | None, config, overrides,
+                generation: dict, evaluation: dict) -> dict:
+    """Train, generate, evaluate and report one variant into `out_dir/<variant>`; returns its finished record."""
+    from dr_train.eval.evaluate import evaluate_run
+    from dr_train.eval.report import build_report
+    from dr_train.generate import generate_batch
+    from dr_train.trainer import train
+
+    folder = out_dir / variant
+    settings = _settings(variant, relations, steps, config, overrides, generation, evaluation)
+    done = folder / DONE_FILE
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("settings") != settings:
+            raise ValueError(f"{done} was made with other settings than this call's (relations, steps, config, "
+                             f"generation or evaluation); choose another output folder or delete {folder}")
+        log.info("ablation %s: finished before (%s), skipping", variant, done)
+        return record | {"status": "skipped (finished before)"}
+    cfg = variant_config(variant, relations, folder, steps, config, overrides)
+    train(cfg)
+    generate_batch(folder, relations, include_base=False, **generation)
+    metrics = evaluate_run(folder, **_evaluation(evaluation, out_dir))
+    build_report(folder, title=f"Ablation {variant}: {VARIANTS[variant].label}")
+    rows = {r["kind"]: r for r in metrics["rows"] if r["relation"] == "all"}
+    record = {"variant": variant, "settings": settings, "rows": rows, "metrics": str(folder / "eval" / "metrics.json"),
+              "steps": cfg.train.max_steps, "status": "finished"}
+    _write_record(done, record)
+    return record
+
+
+def run_base(out_dir: Path, run_dir: Path, relations: Sequence[str], generation: dict, evaluation: dict) -> dict:
+    """The base model (no LoRA) on the same prompts and seeds, evaluated once into `<out>/base/` for the table's
+    reference row (`run_dir`: any variant's run, for its relations' prompts and training clips). Redone when the
+    generation or evaluation settings changed."""
+    from dr_train.eval.evaluate import evaluate_run
+    from dr_train.generate import generate_batch
+
+    folder = out_dir / BASE_FOLDER
+    settings = _settings("base", relations, None, None, (), generation, evaluation)
+    done = folder / DONE_FILE
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("settings") == settings:
+            return record | {"status": "skipped (finished before)"}
+    generate_batch(run_dir, relations, include_lora=False, include_base=True, out_dir=folder / "videos",
+                   **generation)
+    metrics = evaluate_run(run_dir, folder / "videos", out_dir=folder / "eval", **_evaluation(evaluation, out_dir))
+    rows = {r["kind"]: r for r in metrics["rows"] if r["relation"] == "all"}
+    record = {"variant": "base", "settings": settings, "rows": rows,
+              "metrics": str(folder / "eval" / "metrics.json"), "status": "finished"}
+    _write_record(done, record)
+    return record
+
+
+def _evaluation(evaluation: dict, out_dir: Path) -> dict:
+    """evaluate_run's arguments, with the FVD reference statistics cached once for all variants."""
+    return {**evaluation, "fvd_cache": evaluation.get("fvd_cache") or out_dir / "fvd_cache"}
+
+
+def _write_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def run_ablations(out_dir: str | Path, relations: Sequence[str], variants: str | Sequence[str] = "all",
+                  steps: int | None = None, config: str | Path | None = None, overrides: Sequence[str] = (),
+                  generation: dict | None = None, evaluation: dict | None = None, include_base: bool = True) -> dict:
+    """Run the chosen variants one after another and write `<out>/ablations.csv` and `<out>/ablations.md`.
+
+    generation: keyword arguments of `generate_batch` (prompts, num_prompts, seeds, steps, frames, ...);
+    evaluation: keyword arguments of `evaluate_run` (clip_path, vlm, fvd_reference, ...); the FVD reference
+    statistics are cached once in `<out>/fvd_cache`. include_base: also generate and evaluate the base model once
+    (`<out>/base/`) for a reference row. Returns {"records": {variant: record}, "base": record or None,
+    "csv": path, "markdown": path}.
+    """
+    out = Path(out_dir)
+    names = select_variants(variants)
+    relations = list(dict.fromkeys(relations))
+    if not relations:
+        raise ValueError("no relations given for the ablations")
+    generation = dict(generation or {})
+    evaluation = dict(evaluation or {})
+    for key in ("run_dir", "relations", "include_base", "include_lora", "out_dir"):
+        if key in generation:
+            raise ValueError(f"generation option {key!r} is set by the ablation runner")
+    for key in ("run_dir", "videos_dir", "out_dir"):
+        if key in evaluation:
+            raise ValueError(f"evaluation option {key!r} is set by the ablation runner")
+    out.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for position, name in enumerate(names):
+        log.info("ablation %d/%d: %s (%s)", position + 1, len(names), name, VARIANTS[name].label)
+        records[name] = run_variant(name, out, relations, steps, config, overrides, generation, evaluation)
+    base = run_base(out, out / names[0], relations, generation, evaluation) if include_base else None
+    csv_path, md_path = write_table(out, records, base)
+    return {"records": records, "base": base, "csv": csv_path, "markdown": md_path}
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+def table_rows(records: dict[str, dict], base_record: dict | None = None) -> list[dict]:
+    """One row per variant (and one for the base model, if evaluated): our overall numbers and the paper's."""
+    rows = []
+    base = (base_record or {}).get("rows", {}).get("base")
+    if base is not None:
+        rows.append({"variant": "base", "paper_tables": "1", "label": KIND_LABEL["base"], "relation_lora": "—",
+                     "subject_lora": "—", "videos": base["videos"],
+                     **{label: format_metric(key, base.get(key)) for key, label in OURS},
+                     **dict(zip(PAPER_COLUMNS, PAPER_BASE[1:]))})
+    for name, record in records.items():
+        v, ours = VARIANTS[name], record["rows"]["lora"]
+        rows.append({"variant": name, "paper_tables": ",".join(v.tables), "label": v.label,
+                     "relation_lora": v.relation_lora, "subject_lora": v.subject_lora, "videos": ours["videos"],
+                     **{label: format_metric(key, ours.get(key)) for key, label in OURS},
+                     **dict(zip(PAPER_COLUMNS, v.paper))})
+    return rows
+
+
+def write_table(out: Path, records: dict[str, dict], base: dict | None = None) -> tuple[Path, Path]:
+    """ablations.csv (every row) and ablations.md (Table 2, Table 3 and baseline sections, paper's numbers beside)."""
+    rows = table_rows(records, base)
+    columns = ["variant", "paper_tables", "label", "relation_lora", "subject_lora", "videos",
+               *[label for _, label in OURS], *PAPER_COLUMNS]
+    csv_path, md_path = out / TABLE_CSV, out / TABLE_MD
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    steps = sorted({str(r.get("steps")) for r in records.values()})
+    lines = ["# Ablations", "",
+             f"Our numbers: overall relation-LoRA row of each variant's `eval/metrics.json` (mean ± std over videos; "
+             f"training steps: {', '.join(steps)}); each variant's report is `<variant>/eval/report.html`. "
+             f"Columns marked **paper** are {PAPER_SOURCE}: reference only, not produced here.", ""]
+    sections = [("Table 2: components", "2", ["variant", "label"]),
+                ("Table 3: where the relation LoRA goes", "3", ["variant", "relation_lora", "subject_lora"]),
+                ("Baselines (Table 1)", "1", ["variant", "label"])]
+    for title, table, keys in sections:
+        chosen = [r for r in rows if table in r["paper_tables"].split(",")]
+        if not chosen:
+            continue
+        head = keys + ["videos"] + [label for _, label in OURS] + [f"**{c}**" for c in PAPER_COLUMNS]
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(str(r[k]) for k in keys + ["videos"] + [label for _, label in OURS]
+                                    + list(PAPER_COLUMNS)) + " |" for r in chosen]
+        lines.append("")
+    md_path.write_text("\n".join(lines))
+    return csv_path, md_path

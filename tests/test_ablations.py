@@ -1,0 +1,98 @@
+"""The ablation runner (dr_train/eval/ablations.py): variants as config, trained, generated, evaluated and put in one
+table beside the paper's numbers; finished variants are skipped."""
+import csv
+import json
+
+import pytest
+
+from conftest import REPO, SYNTHETIC_CACHE
+from dr_train.eval.ablations import GROUPS, VARIANTS, run_ablations, select_variants, variant_config
+from dr_train.lora import resolve_placement
+
+# the synthetic data settings of conftest.small_config, so the session's cached dataset is reused
+TRAIN = ["data.videos_per_relation=6", f"data.cache_dir={SYNTHETIC_CACHE}", "optim.warmup_steps=2",
+         "train.checkpoint_every=6"]
+GENERATION = {"num_prompts": 2, "seeds": [0], "steps": 2, "height": 32, "width": 48, "progress": False}
+EVALUATION = {"progress": False}
+
+
+def test_every_variant_is_a_valid_config_with_the_papers_semantics(tmp_path):
+    for name in VARIANTS:
+        cfg = variant_config(name, ["handshaking"], tmp_path / name, steps=7)
+        assert cfg.train.max_steps == 7 and cfg.train.relations == ["handshaking"]
+        placement = resolve_placement(cfg.lora.placement)
+        assert set(cfg.lora.export_adapters) <= set(placement), name    # exports only adapters it has
+    cfg = {n: variant_config(n, ["handshaking"], tmp_path / n) for n in ("w_o_hmt", "w_o_rcl", "direct", "full")}
+    assert not cfg["w_o_hmt"].hmt.enabled and cfg["w_o_rcl"].loss.rcl_weight == 0 and cfg["full"].hmt.enabled
+    assert cfg["direct"].lora.placement == "direct" and cfg["direct"].train.max_steps == 1000   # its config file
+    assert variant_config("relation_kv", ["a"], tmp_path).lora.placement == "relation_kv"
+    assert select_variants("table3") == ["full", "relation_v", "relation_q", "relation_kv"]
+    assert select_variants("w_o_rcl,full") == ["full", "w_o_rcl"] and len(GROUPS["all"]) == 10
+    with pytest.raises(ValueError, match="unknown ablation variant 'w_o_x'"):
+        select_variants("full,w_o_x")
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablations")
+    result = run_ablations(out, ["handshaking"], "full,w_o_rcl,w_o_relation", steps=6, overrides=TRAIN,
+                           generation=GENERATION, evaluation=EVALUATION)
+    return out, result
+
+
+def test_table_has_every_variant_our_numbers_and_the_papers(ablated):
+    out, result = ablated
+    with result["csv"].open() as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["base", "full", "w_o_rcl", "w_o_relation"]
+    assert rows["full"]["paper RelAcc"] == "0.4452±0.01" and rows["w_o_rcl"]["paper FVD"] == "2136.95"
+    assert rows["w_o_relation"]["relation_lora"] == "—" and rows["base"]["paper CLIP-T"] == "0.3237"
+    for name in ("full", "w_o_rcl", "w_o_relation", "base"):
+        assert rows[name]["videos"] == "2"
+        assert float(rows[name]["FVD"]) > 0 and rows[name]["Judge acc."] != "—"
+    md = result["markdown"].read_text()
+    assert "## Table 2: components" in md and "## Table 3: where the relation LoRA goes" in md
+    assert "**paper RelAcc**" in md and "reference only, not produced here" in md
+    assert "| full | full (relation LoRA on Q, K) | 2 |" in md
+    assert "| w_o_rcl | w/o relational contrastive loss (RCL) | 2 |" in md
+    assert (out / "base" / "eval" / "metrics.json").is_file() and result["base"]["rows"]["base"]["videos"] == 2
+    assert not (out / "full" / "eval" / "videos" / "_base").exists()           # variants make LoRA videos only
+    for name in ("full", "w_o_rcl", "w_o_relation"):
+        assert (out / name / "eval" / "report.html").is_file()
+        assert (out / name / "handshaking" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_variants_trained_with_their_settings(ablated):
+    out, _ = ablated
+
+    def steps(name):
+        return [json.loads(l) for l in (out / name / "handshaking" / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(steps("full")) == 6 and any(s["loss_rcl"] is not None for s in steps("full"))
+    assert all(s["loss_rcl"] is None for s in steps("w_o_rcl"))
+    lora = json.loads((out / "w_o_relation" / "handshaking" / "lora" / "dr_relation.json").read_text())
+    assert lora["adapters"] == ["ffn"] and "relation" not in lora["placement"]
+
+
+def test_rerun_skips_finished_variants_and_refuses_other_settings(ablated):
+    out, first = ablated
+    again = run_ablations(out, ["handshaking"], "full,w_o_rcl,w_o_relation", steps=6, overrides=TRAIN,
+                          generation=GENERATION, evaluation=EVALUATION)
+    assert all(r["status"] == "skipped (finished before)" for r in again["records"].values())
+    assert again["base"]["status"] == "skipped (finished before)"
+    assert again["csv"].read_text() == first["csv"].read_text()
+    with pytest.raises(ValueError, match="other settings"):
+        run_ablations(out, ["handshaking"], "full", steps=5, overrides=TRAIN, generation=GENERATION,
+                      evaluation=EVALUATION)
+
+
+def test_cli_parses_training_and_sampler_steps_apart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_ablate", REPO / "launch" / "ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.build_parser().parse_args(["--relations", "handshaking", "--out", "x", "--steps", "6",
+                                             "--gen-steps", "3", "--variants", "table2"])
+    assert args.train_steps == 6 and args.steps == 3 and args.variants == "table2"
+    assert module.main(["--relations", "handshaking", "--out", "x", "--variants", "nope"]) == 2
