@@ -6,6 +6,7 @@ below (the paper's design, its Table 3 placements and Table 2 ablations, and dir
 from __future__ import annotations
 
 import json
+import warnings
 import re
 from pathlib import Path
 
@@ -77,11 +78,13 @@ def add_relation_lora_triplet(transformer, config=None):
     config = config or LoRAConfig()
     placement = resolve_placement(config.placement)
     for adapter, projections in placement.items():
-        transformer.add_adapter(
-            LoraConfig(r=int(config.rank), lora_alpha=float(config.alpha), lora_dropout=0.0,
-                       init_lora_weights=True, target_modules=target_regex(projections)),
-            adapter_name=adapter,
-        )
+        with warnings.catch_warnings():   # several named adapters on one model is the point of the triplet
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            transformer.add_adapter(
+                LoraConfig(r=int(config.rank), lora_alpha=float(config.alpha), lora_dropout=0.0,
+                           init_lora_weights=True, target_modules=target_regex(projections)),
+                adapter_name=adapter,
+            )
     transformer.set_adapters(list(placement))
     for name, p in transformer.named_parameters():
         if _PARAM.match(name):

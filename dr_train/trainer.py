@@ -388,10 +388,15 @@ def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, dist
         result = {"relation": relation.name, "steps": run.step, "status": "finished",
                   "wall_seconds": time.perf_counter() - started, "checkpoint": str(run.last_checkpoint),
                   "world_size": dist.world_size}
+        # a placement without some of the export adapters (w/o relation, w/o FFN) exports the ones it has
+        exported = [a for a in cfg.lora.export_adapters if a in run.adapters]
+        if cfg.train.export and not exported and dist.is_main:
+            log.warning("%s: none of lora.export_adapters %s is in this placement: nothing exported",
+                        relation.name, cfg.lora.export_adapters)
         with run._engine().gathered(params):
-            if dist.is_main and cfg.train.export:
+            if dist.is_main and cfg.train.export and exported:
                 result["lora"] = str(export_inference_lora(
-                    comps.transformer, out_dir / "lora", cfg.lora.export_adapters,
+                    comps.transformer, out_dir / "lora", exported,
                     metadata={"relation": relation.name, "prompt": relation.prompt, "base_model": comps.source,
                               "steps": run.step, **run._identity()["lora"]}))
         if dist.is_main:
