@@ -151,7 +151,7 @@ class TorchEngine:
     def __init__(self, module: torch.nn.Module, optimizer: HMTAdamW, grad_accum: int, max_grad_norm: float,
                  dist: Dist, timer=None):
         self.module, self.optimizer, self.dist = module, optimizer, dist
-        self.comms = timer.phase("comms") if timer is not None else contextlib.nullcontext()
+        self.timer = timer
         self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
         self.micro = 0
         self.grad_norm: float | None = None
@@ -174,7 +174,7 @@ class TorchEngine:
         params = self._trainable()
         if self.dist.world_size > 1 and params:
             flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
-            with self.comms:
+            with self.timer.phase("comms") if self.timer is not None else contextlib.nullcontext():
                 tdist.all_reduce(flat)
             flat /= self.dist.world_size
             for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):

@@ -299,8 +299,7 @@ class RelationRun:
         self.last_checkpoint = path
         # metrics after the checkpoint belong to steps that will be redone
         if self.dist.is_main and self.metrics_path.is_file():
-            kept = [l for l in self.metrics_path.read_text().splitlines()
-                    if l.strip() and json.loads(l)["step"] <= self.step]
+            kept = [l for l in self.metrics_path.read_text().splitlines() if _metric_step(l) <= self.step]
             self.metrics_path.write_text("".join(l + "\n" for l in kept))
         self.dist.barrier()
 
@@ -309,6 +308,14 @@ class RelationRun:
         if self.engine is not None:
             self.engine.close()
         self.transformer.delete_adapters(self.adapters)
+
+
+def _metric_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn line (a crash mid-write) sorts after every step, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _digest(tensors: dict[str, torch.Tensor], ids: list[str]) -> str:
@@ -321,21 +328,21 @@ def _digest(tensors: dict[str, torch.Tensor], ids: list[str]) -> str:
 
 def _prepare_output(run: RelationRun, resume: bool) -> None:
     existing = ckpt.list_checkpoints(run.checkpoint_dir)
+    had_metrics = run.metrics_path.exists()
+    run.dist.barrier()                  # every rank has looked before any rank changes the folder
     if resume and existing:
         run.resume(existing[-1])
         if run.dist.is_main:
             log.info("%s: resumed from %s (step %d)", run.relation.name, existing[-1], run.step)
         return
-    if resume and run.metrics_path.exists():
-        if run.dist.is_main:
-            log.info("%s: no checkpoint to resume from; restarting from step 0", run.relation.name)
-            run.metrics_path.unlink()
-        run.dist.barrier()
-    if existing or run.metrics_path.exists():
+    if existing or (had_metrics and not resume):
         raise ValueError(f"{run.out_dir} already holds a run of {run.relation.name}; pass --resume to continue "
                          f"it or choose another --output-dir")
-    run.dist.barrier()                  # every rank has checked before rank 0 writes anything
+    if had_metrics and run.dist.is_main:
+        log.info("%s: no checkpoint to resume from; restarting from step 0", run.relation.name)
+        run.metrics_path.unlink()
     run.out_dir.mkdir(parents=True, exist_ok=True)
+    run.dist.barrier()
 
 
 class _MainOnly:

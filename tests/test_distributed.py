@@ -79,7 +79,7 @@ def work(tmp_path_factory):
     return cwd
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_ranks_match_one_rank_with_the_same_global_batch(work, stage):
     _train(work, f"zero{stage}", "--relations", "handshaking", *STEPS, "--set", f"distributed.zero_stage={stage}",
            ranks=2)

@@ -81,6 +81,8 @@ def test_resume_is_bit_exact(tmp_path):
         RelationRun.train_step = original
     partial = _metrics(tmp_path / "b" / "runs" / "high_five" / "metrics.jsonl")
     assert [r["step"] for r in partial] == [1, 2, 3, 4, 5]                      # step 5 ran after checkpoint 4
+    with (tmp_path / "b" / "runs" / "high_five" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "selec')                                          # a line torn by the crash
     resumed.train.resume = True
     train(resumed)
 
