@@ -30,7 +30,7 @@ def test_two_ranks_per_relation_under_torch_trainer(tmp_path):
     storage = tmp_path / "ranks"
     cmd = [sys.executable, str(REPO / "launch" / "ray_submit.py"), "--num-cpus", "2", "--storage", str(storage),
            "--relations", "handshaking,no_clips", "--workers-per-relation", "2", "--cpus-per-relation", "1",
-           "--max-concurrent", "2", "--max-retries", "1", "--max-steps", "1", "--checkpoint-every", "1",
+           "--max-concurrent", "2", "--max-retries", "1", "--max-steps", "3", "--checkpoint-every", "2",
            "--deterministic", "--set", f"data.source={dataset}", "--set", "data.videos_per_relation=6",
            "--set", f"data.catalog={broken_catalog(tmp_path / 'catalog.yaml', ['handshaking'])}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
@@ -39,11 +39,11 @@ def test_two_ranks_per_relation_under_torch_trainer(tmp_path):
     with (storage / "results.csv").open() as f:
         table = {r["relation"]: r for r in csv.DictReader(f)}
     ok, bad = table["handshaking"], table["no_clips"]
-    assert (ok["status"], ok["steps"], ok["retries"]) == ("finished", "1", "0")
+    assert (ok["status"], ok["steps"], ok["retries"]) == ("finished", "3", "0")
     done = json.loads((storage / "handshaking" / "DONE.json").read_text())
     assert done["world_size"] == 2 and os.path.isfile(ok["lora"])
     assert "===== handshaking" in (storage / "handshaking" / "train.rank1.log").read_text()
-    assert [json.loads(l)["step"] for l in (storage / "handshaking" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [json.loads(l)["step"] for l in (storage / "handshaking" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert bad["status"] == "failed" and bad["error"].startswith(f"ValueError: dataset {dataset} has no samples of "
                                                                  f"no_clips")
     starts = [json.loads(l) for l in (storage / "no_clips" / "attempts.jsonl").read_text().splitlines()

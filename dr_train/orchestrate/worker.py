@@ -142,7 +142,6 @@ def train_rank(spec: dict) -> None:
     if records.read_app_error(rel_dir, spec["run_id"]) is not None:
         return                           # an earlier attempt of this run hit an application error: not repeated
     attempt = records.start_attempt(rel_dir, spec["run_id"], ranks=spec["workers"]) if rank == 0 else None
-    _drop_metrics_without_checkpoint(rel_dir, rank)
     status, error = "finished", ""
     try:
         with captured_output(records.log_path(rel_dir, rank)) as log_file:
@@ -159,19 +158,6 @@ def train_rank(spec: dict) -> None:
     finally:
         if attempt is not None:
             records.end_attempt(rel_dir, spec["run_id"], attempt, status, error)
-
-
-def _drop_metrics_without_checkpoint(rel_dir: Path, rank: int) -> None:
-    """A restart before the first checkpoint starts over: rank 0 removes the steps logged so far, then every rank
-    waits for it. The trainer does the same on resume, but each rank decides by looking at the file, and a rank
-    that looks after rank 0 removed it skips a barrier the others enter (a hang); deciding here first keeps the
-    ranks in step."""
-    import torch.distributed as tdist
-
-    if rank == 0 and records.latest_checkpoint_step(rel_dir) == 0:
-        (rel_dir / "metrics.jsonl").unlink(missing_ok=True)
-    if tdist.is_initialized():
-        tdist.barrier()
 
 
 def _is_app_error(e: BaseException) -> bool:
