@@ -91,7 +91,7 @@ def init_distributed(backend: str = "auto", use_deepspeed: bool = False, timeout
     if backend not in BACKENDS:
         raise ValueError(f"distributed.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime as _dt
 import math
 import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +42,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+from common import append_csv, device_name, git_hash  # noqa: E402
 from dr_train.losses import masked_flow_matching_loss, relation_features  # noqa: E402
 
 SIZES = {
@@ -72,23 +71,6 @@ CSV_COLUMNS = ["timestamp", "device", "device_peak_GBps", "torch", "triton", "cu
 
 
 # ---- environment ------------------------------------------------------------------------------------------------
-def git_hash() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (head or "unknown") + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def peak_gbps(name: str, override: float | None) -> float | None:
     if override:
         return override
@@ -481,15 +463,9 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "bench_kernels.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    csv_path = append_csv(out / "bench_kernels.csv",
+                          [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                          CSV_COLUMNS)
     print(f"\nappended {len(rows)} rows to {csv_path}")
     if not args.no_plot and rows:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", dev_name).strip("-")[:40]

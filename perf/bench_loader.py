@@ -13,10 +13,8 @@ git hash.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import append_csv, git_hash  # noqa: E402
 from dr_train.data import shards as shard_io  # noqa: E402
 from dr_train.data.loader import ShardStream  # noqa: E402
 
@@ -100,15 +99,6 @@ def tiny_step_seconds(steps: int) -> float:
     return statistics.median(times[2:] if len(times) > 4 else times)
 
 
-def git_hash() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return ""
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -139,14 +129,7 @@ def main(argv=None) -> int:
                          "step_source": "given" if a.step_seconds else "tiny preset measured here"})
             print(f"workers={workers}: loader {rate:.1f} samples/s ({sample_mb:.2f} MB each), training consumes "
                   f"{consume:.1f} samples/s -> ratio {rate / consume:.1f}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / "bench_loader.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    path = append_csv(a.out / "bench_loader.csv", rows)
     print(f"appended {len(rows)} rows to {path}")
     return 0
 

@@ -33,12 +33,10 @@ efficiency, utilization, speed, packing, the T_i and concurrent wall times as JS
 from __future__ import annotations
 
 import argparse
-import csv
 import heapq
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import append_csv, git_hash  # noqa: E402
 from dr_train.config import load_config  # noqa: E402
 from dr_train.orchestrate import RayOptions, run_relations  # noqa: E402
 
@@ -58,15 +57,6 @@ def lpt_makespan(times: list[float], slots: int) -> float:
     for t in sorted(times, reverse=True):
         heapq.heappush(loads, heapq.heappop(loads) + t)
     return max(loads)
-
-
-def git_hash() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return ""
 
 
 def _warm(n: int, cpus: float, gpus: float) -> None:
@@ -158,14 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.slots} slots: makespan {makespan:.1f} s vs ideal sum/slots {ideal:.1f} s (LPT schedule {lpt:.1f} s) "
           f"-> efficiency {ideal / makespan:.2f} = utilization {row['utilization']:.2f} x speed {row['speed']:.2f} "
           f"(packing bound {ideal / lpt:.2f})")
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / "bench_ray.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    path = append_csv(a.out / "bench_ray.csv", [row])
     print(f"appended a row to {path}")
     return 0
 

@@ -52,7 +52,8 @@ for _p in (str(REPO), str(HERE)):
 
 import torch  # noqa: E402
 
-from bench_kernels import device_name, git_hash, triton_version  # noqa: E402
+from bench_kernels import triton_version  # noqa: E402
+from common import device_name, git_hash  # noqa: E402
 from bench_loader import fabricate  # noqa: E402
 from dr_train import flops as flop_model  # noqa: E402
 

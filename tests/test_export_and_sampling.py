@@ -5,12 +5,10 @@ import numpy as np
 import torch
 
 from conftest import make_run, small_config
-from dr_train.catalog import load_catalog
 from dr_train.generate import generate
 from dr_train.losses import noisy_latents
 from dr_train.lora import export_inference_lora
 from dr_train.model import load_mochi
-from dr_train.trainer import RelationRun
 
 
 def test_export_loads_into_mochi_pipeline_and_matches_relation_plus_ffn(tmp_path):

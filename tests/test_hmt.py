@@ -3,8 +3,6 @@ import torch
 from conftest import make_run, small_config
 from dr_train.catalog import load_catalog
 from dr_train.hmt import HybridMaskTraining
-from dr_train.model import load_mochi
-from dr_train.trainer import RelationRun
 
 
 def _snapshot(run):

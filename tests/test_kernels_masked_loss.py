@@ -3,7 +3,6 @@
 CPU: fp32 under the Triton interpreter (TRITON_INTERPRET=1 is set per test: the kernels are jitted lazily in the
 mode the environment names at call time). CUDA: the same tests in fp32 and bf16, skipped without a GPU.
 """
-import os
 
 import pytest
 import torch

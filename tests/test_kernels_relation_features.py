@@ -3,7 +3,6 @@
 CPU: fp32 under the Triton interpreter (TRITON_INTERPRET=1 set per test). CUDA: fp32 and bf16, skipped without
 a GPU.
 """
-import os
 
 import pytest
 import torch

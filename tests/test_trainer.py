@@ -5,9 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_run, small_config
-from dr_train.catalog import load_catalog
 from dr_train.losses import masked_flow_matching_loss, noisy_latents
-from dr_train.model import load_mochi
 from dr_train.trainer import NonFiniteLossError, RelationRun, train
 
 
