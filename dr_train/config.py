@@ -56,19 +56,30 @@ class HMTConfig:
     enabled: bool = opt(True, "draw one of relation/subject1/subject2 per optimizer step; false updates every "
                               "adapter each step with the relation mask")
     probabilities: list = opt([1 / 3, 1 / 3, 1 / 3], "draw probabilities of [relation, subject1, subject2]")
+    forward: str = opt("selected", "adapters in a step's forward pass: selected (those the step updates: relation "
+                                   "runs relation+subjects+ffn, subject k runs subject k+ffn; the official code) "
+                                   "or all (every adapter runs, the unselected ones frozen)")
 
 
 @dataclass
 class LossConfig:
     """Masked flow-matching loss and relational contrastive loss (RCL)."""
-    mode: str = opt("paper", "paper: mean((w*M + 1) * err^2), relation mask = max of subject masks; official: "
-                             "mean((1 + w*M^2) * err^2), relation mask = sum of subject masks")
+    mode: str = opt("paper", "paper: mean((w*M + 1) * err^2), relation mask = max of subject masks, latent masks "
+                             "8x8 mean-pooled; official: mean((1 + w*M^2) * err^2), relation mask = sum of subject "
+                             "masks, latent masks 8x8 max-pooled (the official code's resize)")
     mask_weight: float = opt(50.0, "lambda_m, the weight of the mask term")
     rcl_weight: float = opt(0.01, "lambda_1, the weight of the relational contrastive loss (0 disables it)")
     temperature: float = opt(0.07, "InfoNCE temperature tau")
+    rcl_variant: str = opt("paper", "paper: per clip n_pos positives from other videos (bank + batch), per anchor "
+                                    "frame n_neg detached single-frame negatives from this clip and the bank; "
+                                    "official: per anchor frame up to n_pos positives from the bank's last bank_size "
+                                    "clips (same video allowed), negatives = this clip's frames (with gradient) + "
+                                    "max(n_neg - frames, 0) from the last negative_bank_frames frames")
     n_pos: int = opt(4, "positives per anchor frame (dynamics of other videos from the memory bank)")
     n_neg: int = opt(10, "negatives per anchor frame (single-frame features of this and past videos)")
-    bank_size: int = opt(64, "FIFO memory bank capacity, in videos")
+    bank_size: int = opt(64, "FIFO memory bank capacity, in videos (official variant: its positive buffer)")
+    negative_bank_frames: int = opt(64, "official variant: FIFO of single-frame features the extra negatives come "
+                                        "from, in frames")
 
 
 @dataclass
@@ -82,6 +93,11 @@ class OptimConfig:
     schedule: str = opt("cosine", "cosine or constant after warmup")
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of lr (cosine)")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    schedule_steps: int = opt(0, "horizon of the warmup + cosine schedule in steps (0 = train.max_steps); fix it to "
+                                 "extend a run later exactly as if it had been trained straight")
+    frozen_adapters: str = opt("skip", "adapters a step does not update: skip (AdamW leaves them untouched, no "
+                                       "moments, no decay) or zero_grad (they get zero gradients and AdamW still "
+                                       "applies momentum and weight decay, as in the official code)")
 
 
 @dataclass
@@ -260,8 +276,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type cannot express."""
-    if cfg.loss.mode not in ("paper", "official"):
-        raise ValueError(f"loss.mode must be 'paper' or 'official', got {cfg.loss.mode!r}")
+    choices = {"loss.mode": ("paper", "official"), "loss.rcl_variant": ("paper", "official"),
+               "hmt.forward": ("selected", "all"), "optim.frozen_adapters": ("skip", "zero_grad")}
+    for name, allowed in choices.items():
+        section, option = name.split(".")
+        if getattr(getattr(cfg, section), option) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
+                             f"{getattr(getattr(cfg, section), option)!r}")
     if cfg.model.attention_backend not in ("auto", "flash", "sdpa", "reference"):
         raise ValueError(f"model.attention_backend must be auto, flash, sdpa or reference, got "
                          f"{cfg.model.attention_backend!r}")
@@ -281,6 +302,9 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
     if cfg.loss.n_pos < 1 or cfg.loss.n_neg < 1 or cfg.loss.bank_size < 1:
         raise ValueError("loss.n_pos, loss.n_neg and loss.bank_size must be >= 1")
+    if cfg.loss.negative_bank_frames < 0 or cfg.optim.schedule_steps < 0:
+        raise ValueError(f"loss.negative_bank_frames and optim.schedule_steps must be >= 0, got "
+                         f"{cfg.loss.negative_bank_frames} and {cfg.optim.schedule_steps}")
     if not 0.0 <= cfg.data.caption_dropout <= 1.0:
         raise ValueError(f"data.caption_dropout must be in [0, 1], got {cfg.data.caption_dropout}")
     d = cfg.distributed

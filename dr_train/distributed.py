@@ -10,7 +10,9 @@ which one it has. NCCL on GPUs, gloo on CPUs.
 Hybrid mask training under ZeRO: the optimizer has one parameter group per adapter, and `HMTAdamW` skips the
 groups whose adapters this step does not update (their weights, moments and step counts stay untouched, as in
 the single-process trainer), because ZeRO hands every group a (zero) gradient and would otherwise apply weight
-decay and momentum to adapters HMT froze.
+decay and momentum to adapters HMT froze. With `optim.frozen_adapters: zero_grad` (the official code) every group
+is stepped, frozen adapters with zero gradients: ZeRO's flat partitions have them already, and the plain engine
+fills them in, so both engines apply the same momentum and decay.
 """
 from __future__ import annotations
 
@@ -119,8 +121,14 @@ def shutdown(dist: Dist) -> None:
         tdist.destroy_process_group()
 
 
+FROZEN_ADAPTERS = ("skip", "zero_grad")
+
+
 class HMTAdamW(torch.optim.AdamW):
-    """AdamW over one parameter group per adapter; groups with `active=False` are not stepped at all."""
+    """AdamW over one parameter group per adapter; groups with `active=False` are not stepped at all, and in active
+    groups a parameter without a gradient is stepped with a zero gradient when `zero_fill` is set."""
+
+    zero_fill = False
 
     def set_active(self, adapters: list[str]) -> None:
         for group in self.param_groups:
@@ -128,6 +136,11 @@ class HMTAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.zero_fill:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if group.get("active", True) and p.grad is None:
+                        p.grad = torch.zeros_like(p)
         parked = [(g, g["params"]) for g in self.param_groups if not g.get("active", True)]
         for g, _ in parked:
             g["params"] = []
@@ -138,10 +151,15 @@ class HMTAdamW(torch.optim.AdamW):
                 g["params"] = params
 
 
-def make_optimizer(params_by_adapter: dict[str, list[torch.nn.Parameter]], lr: float, betas, eps: float,
-                   weight_decay: float) -> HMTAdamW:
+def make_optimizer(params_by_adapter: dict[str, list[torch.nn.Parameter]], optim) -> HMTAdamW:
+    """HMTAdamW over one group per adapter, from an `OptimConfig`."""
+    if optim.frozen_adapters not in FROZEN_ADAPTERS:
+        raise ValueError(f"optim.frozen_adapters must be one of {', '.join(FROZEN_ADAPTERS)}, got "
+                         f"{optim.frozen_adapters!r}")
     groups = [{"params": params, "adapter": name, "active": True} for name, params in params_by_adapter.items()]
-    return HMTAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    opt = HMTAdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    opt.zero_fill = optim.frozen_adapters == "zero_grad"
+    return opt
 
 
 # ---- engines ------------------------------------------------------------------------------------------------
@@ -179,9 +197,9 @@ class TorchEngine:
             flat /= self.dist.world_size
             for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
                 p.grad.copy_(g)
-        self.grad_norm = None
-        if self.max_grad_norm > 0:
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        # the norm is logged also without clipping (an infinite bound scales nothing), as DeepSpeed does
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))) \
+            if params else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True

@@ -1,7 +1,14 @@
-"""Hybrid mask training: per optimizer step, which adapters are updated and which mask weights the loss.
+"""Hybrid mask training: per optimizer step, which adapters run, which are updated and which mask weights the loss.
 
-The forward pass always runs every adapter. Adapters not updated this step get requires_grad=False before the
-forward, so their gradients stay None and AdamW skips them entirely: no step, no moment update, no weight decay.
+A step draws `relation`, `subject1` or `subject2`. A relation step updates relation + both subjects + ffn and
+weights the loss with the relation mask; a subject-k step updates subject k + ffn with subject k's mask.
+
+Which adapters run in the forward pass (`hmt.forward`): `selected` (default, the official trainer) runs exactly the
+adapters the step updates, so a subject LoRA learns its subject's appearance on its own, not as a correction on top
+of the relation LoRA; `all` runs every adapter and only freezes the unselected ones. Frozen adapters get
+requires_grad=False before the forward, so their gradients stay None; with `optim.frozen_adapters: skip` AdamW
+leaves them untouched (no step, no moment update, no weight decay), with `zero_grad` they are stepped with zero
+gradients (dr_train.distributed.HMTAdamW).
 """
 from __future__ import annotations
 
@@ -14,13 +21,27 @@ UPDATES = {
     "subject2": ("subject2", "ffn"),
 }
 ALL = "all"
+FORWARD_MODES = ("selected", "all")
+
+
+def active_adapters(selection: str, adapters: list[str]) -> list[str]:
+    """The adapters that run (and are updated) in a step whose HMT draw is `selection`, among the `adapters` the
+    placement has: relation -> relation, subject1, subject2, ffn; subject k -> subject k, ffn; 'all' (HMT off) ->
+    every adapter."""
+    if selection == ALL:
+        return list(adapters)
+    if selection not in UPDATES:
+        raise ValueError(f"unknown HMT selection {selection!r}; selections: {', '.join(SELECTIONS)}, {ALL}")
+    return [a for a in adapters if a in UPDATES[selection]]
 
 
 class HybridMaskTraining:
     def __init__(self, adapters: list[str], probabilities=(1 / 3, 1 / 3, 1 / 3), enabled: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, forward: str = "selected"):
+        if forward not in FORWARD_MODES:
+            raise ValueError(f"hmt.forward must be one of {', '.join(FORWARD_MODES)}, got {forward!r}")
         self.adapters = list(adapters)
-        self.enabled = enabled
+        self.enabled, self.forward = enabled, forward
         probs = torch.tensor([float(p) for p in probabilities], dtype=torch.float64)
         # A selection that would update none of the present adapters cannot be drawn.
         for i, sel in enumerate(SELECTIONS):
@@ -38,9 +59,11 @@ class HybridMaskTraining:
         return SELECTIONS[int(torch.multinomial(self.probabilities, 1, generator=self.generator))]
 
     def adapters_to_update(self, selection: str) -> list[str]:
-        if selection == ALL:
-            return list(self.adapters)
-        return [a for a in self.adapters if a in UPDATES[selection]]
+        return active_adapters(selection, self.adapters)
+
+    def adapters_to_run(self, selection: str) -> list[str]:
+        """The adapters in this step's forward pass (per `hmt.forward`)."""
+        return self.adapters_to_update(selection) if self.forward == "selected" else list(self.adapters)
 
     def apply(self, adapter_params: dict[str, list[torch.nn.Parameter]], selection: str) -> list[str]:
         """Mark exactly the selected adapters trainable; returns their names."""

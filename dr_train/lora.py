@@ -85,12 +85,22 @@ def add_relation_lora_triplet(transformer, config=None):
                            init_lora_weights=True, target_modules=target_regex(projections)),
                 adapter_name=adapter,
             )
-    transformer.set_adapters(list(placement))
+    set_active_adapters(transformer, list(placement))
     for name, p in transformer.named_parameters():
         if _PARAM.match(name):
             p.data = p.data.float()
             p.requires_grad_(True)
     return transformer
+
+
+def set_active_adapters(transformer, adapters: list[str]) -> None:
+    """Run exactly `adapters` in the forward pass; the others contribute nothing (and get no gradient). PEFT also
+    marks only the active adapters trainable; hybrid mask training re-applies its own choice after this."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(list(adapters))
 
 
 def adapter_names(transformer) -> list[str]:

@@ -25,20 +25,30 @@ def sorted_frame_files(folder: str | Path, suffixes: tuple[str, ...] = (".png", 
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
-def latent_masks(mask_FHW: torch.Tensor, temporal_compression: int = 6, spatial_compression: int = 8) -> torch.Tensor:
+POOLINGS = ("mean", "max")
+
+
+def latent_masks(mask_FHW: torch.Tensor, temporal_compression: int = 6, spatial_compression: int = 8,
+                 pooling: str = "mean") -> torch.Tensor:
     """(F, H, W) masks in [0, 1] -> (F', H', W') with F' = 1 + (F - 1) / temporal_compression.
 
-    Latent frame 0 is video frame 0; latent frame k >= 1 is the mean of video frames
-    t(k-1)+1 ... tk, as Mochi's causal VAE groups them; spatially the mean over each s x s block.
+    Latent frame 0 is video frame 0; latent frame k >= 1 is the mean of video frames t(k-1)+1 ... tk, as Mochi's
+    causal VAE groups them. In space, each s x s block is pooled per frame before the temporal mean:
+    `pooling="mean"` averages it (the paper's "average"), `"max"` takes its maximum, which is what the official
+    code's `resize_with_mask_preservation` computes for binary masks (a block touched by a subject counts whole).
     """
     if mask_FHW.dim() != 3:
         raise ValueError(f"latent_masks expects (F, H, W), got shape {tuple(mask_FHW.shape)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"latent_masks: unknown pooling {pooling!r}; available: {', '.join(POOLINGS)}")
     frames, height, width = mask_FHW.shape
     t, s = temporal_compression, spatial_compression
     if (frames - 1) % t != 0:
         raise ValueError(f"mask has {frames} frames; Mochi's VAE needs 1 + {t}k frames")
     if height % s or width % s:
         raise ValueError(f"mask is {height}x{width}; height and width must be multiples of {s}")
-    m = mask_FHW.float()
-    groups = torch.cat([m[:1], m[1:].reshape(-1, t, height, width).mean(dim=1)], dim=0) if frames > 1 else m[:1]
-    return F.avg_pool2d(groups[:, None], kernel_size=s, stride=s)[:, 0]
+    pool = F.avg_pool2d if pooling == "mean" else F.max_pool2d
+    m = pool(mask_FHW.float()[:, None], kernel_size=s, stride=s)[:, 0]
+    if frames == 1:
+        return m
+    return torch.cat([m[:1], m[1:].reshape(-1, t, *m.shape[1:]).mean(dim=1)], dim=0)

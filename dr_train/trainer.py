@@ -20,11 +20,12 @@ from dr_train.data.sources import check_dataset_matches_model, resolve_dataset
 from dr_train.hmt import HybridMaskTraining
 from dr_train.lora import (adapter_names, adapter_parameters, adapter_state_dict, add_relation_lora_triplet,
                            export_inference_lora, load_adapter_state_dict, lora_named_parameters,
-                           resolve_placement)
+                           resolve_placement, set_active_adapters)
 import kernels
-from dr_train.losses import noisy_latents, relational_contrastive_loss
-from dr_train.memory_bank import MemoryBank
+from dr_train.losses import noisy_latents, official_relational_contrastive_loss, relational_contrastive_loss
+from dr_train.memory_bank import MemoryBank, OfficialMemoryBank
 from dr_train.model import MochiComponents, load_mochi
+from dr_train.orchestrate import records
 from dr_train.plots import plot_loss_curve
 from dr_train.profiling import PhaseTimer
 from dr_train.runtime import autocast_context, set_determinism
@@ -69,15 +70,16 @@ class RelationRun:
         self.params_by_adapter = adapter_parameters(self.transformer)
         self.param_names = {p: n for n, p in lora_named_parameters(self.transformer).items()}
         o = cfg.optim
-        self.optimizer = make_optimizer(self.params_by_adapter, o.lr, o.betas, o.eps, o.weight_decay)
+        self.optimizer = make_optimizer(self.params_by_adapter, o)
+        horizon = o.schedule_steps or cfg.train.max_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, o.warmup_steps, cfg.train.max_steps, o.schedule,
-                                                    o.min_lr_ratio))
+            self.optimizer, lambda s: lr_multiplier(s, o.warmup_steps, horizon, o.schedule, o.min_lr_ratio))
         self.engine = None                  # built on first use, after a resume has loaded the adapters
         self.hmt = HybridMaskTraining(self.adapters, cfg.hmt.probabilities, cfg.hmt.enabled,
-                                      seed=stream_seed(seed, relation.name, "hmt"))
-        self.bank = MemoryBank(cfg.loss.bank_size, cfg.loss.n_pos, cfg.loss.n_neg,
-                               seed=stream_seed(seed, relation.name, "bank"))
+                                      seed=stream_seed(seed, relation.name, "hmt"), forward=cfg.hmt.forward)
+        lo, bank_seed = cfg.loss, stream_seed(seed, relation.name, "bank")
+        self.bank = (OfficialMemoryBank(lo.bank_size, lo.negative_bank_frames, lo.n_pos, lo.n_neg, seed=bank_seed)
+                     if lo.rcl_variant == "official" else MemoryBank(lo.bank_size, lo.n_pos, lo.n_neg, seed=bank_seed))
         self.noise_gen = torch.Generator().manual_seed(stream_seed(seed, relation.name, "noise"))
         self.stream = ShardStream(dataset, [relation.name], cfg.train.batch_size,
                                   seed=stream_seed(seed, relation.name, "data"), rank=dist.rank,
@@ -115,16 +117,25 @@ class RelationRun:
 
     def _contrastive(self, video_ids: list[str], frame_means, dynamics):
         """RCL over the global batch: every rank samples positives/negatives for all anchors from the same bank
-        (identical on every rank) and keeps its own rows; gradients flow through the local anchors."""
+        (identical on every rank) and keeps its own rows; gradients flow through the local anchors (and, in the
+        official variant, through the clip's own frame features, its first negatives)."""
         ids = [v for part in self.dist.all_gather_objects(video_ids) for v in part]
         dyn_all = self.dist.all_gather_cat(dynamics.detach())
         means_all = self.dist.all_gather_cat(frame_means.detach())
-        positives, negatives, skipped = self.bank.sample(ids, dyn_all, means_all)
+        b, r, tau = dynamics.shape[0], self.dist.rank, self.cfg.loss.temperature
+        rows = slice(r * b, (r + 1) * b)
         loss = None
-        if positives is not None:
-            b, r = dynamics.shape[0], self.dist.rank
-            rows = slice(r * b, (r + 1) * b)
-            loss = relational_contrastive_loss(dynamics, positives[rows], negatives[rows], self.cfg.loss.temperature)
+        if self.cfg.loss.rcl_variant == "official":
+            picks, skipped = self.bank.sample(ids, dyn_all, means_all)
+            if picks is not None:
+                # clips without a positive yet add nothing; dividing by the batch keeps ranks = one global batch
+                terms = [official_relational_contrastive_loss(dynamics[i], frame_means[i], *pick, tau)
+                         for i, pick in enumerate(picks[rows]) if pick is not None]
+                loss = sum(terms) / b if terms else dynamics.sum() * 0.0
+        else:
+            positives, negatives, skipped = self.bank.sample(ids, dyn_all, means_all)
+            if positives is not None:
+                loss = relational_contrastive_loss(dynamics, positives[rows], negatives[rows], tau)
         return loss, skipped, (ids, dyn_all, means_all)
 
     def micro_step(self, batch: dict, selection: str) -> dict:
@@ -137,8 +148,9 @@ class RelationRun:
             sigma = self._local(torch.rand).to(dev)
             text, text_mask = self._text(batch)
             z_sigma, target, timestep = noisy_latents(z0, noise, sigma)
-            mask = self.hmt.loss_mask(selection, batch["mask_subject1"].to(dev), batch["mask_subject2"].to(dev),
-                                      cfg.loss.mode)
+            pooled = "_maxpool" if cfg.loss.mode == "official" else ""     # the official code's mask resize
+            mask = self.hmt.loss_mask(selection, batch[f"mask_subject1{pooled}"].to(dev),
+                                      batch[f"mask_subject2{pooled}"].to(dev), cfg.loss.mode)
         dtype = self.transformer.dtype
         with phase("forward"), autocast_context(dev, cfg.train.mixed_precision):
             pred = engine.forward(hidden_states=z_sigma.to(dtype), encoder_hidden_states=text.to(dtype),
@@ -174,8 +186,9 @@ class RelationRun:
         selection = self.hmt.draw()
         if self.dist.world_size > 1:
             self.dist.check_same(selection, f"the HMT selection of step {self.step + 1}")
+        set_active_adapters(self.transformer, self.hmt.adapters_to_run(selection))
         updated = self.hmt.apply(self.params_by_adapter, selection)
-        self.optimizer.set_active(updated)
+        self.optimizer.set_active(self.adapters if self.cfg.optim.frozen_adapters == "zero_grad" else updated)
         parts = []
         for _ in range(self.cfg.train.grad_accum):
             parts.append(self.micro_step(self.next_batch(), selection))
@@ -424,9 +437,25 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
+def _plan(cfg: Config, relations: list[Relation]) -> dict[str, str]:
+    """Per relation: 'train' (new or unfinished), 'extend' (finished with fewer steps than asked, --resume), 'skip'
+    (finished with enough steps, or with fewer but no --resume)."""
+    plan = {}
+    for relation in relations:
+        steps = records.finished_steps(Path(cfg.train.output_dir) / relation.name)
+        if steps is None:
+            plan[relation.name] = "train"
+        elif steps < cfg.train.max_steps and cfg.train.resume:
+            plan[relation.name] = "extend"
+        else:
+            plan[relation.name] = "skip"
+    return plan
+
+
 def train(cfg: Config) -> list[dict]:
-    """Train every selected relation one after another on one loaded backbone, on every rank of this launch;
-    finished relations (DONE.json) are skipped, so a re-run after a crash continues where it stopped."""
+    """Train every selected relation one after another on one loaded backbone, on every rank of this launch.
+    A finished relation (DONE.json) is skipped unless --resume asks it for more steps than it had: then it continues
+    from its last checkpoint. A re-run after a crash continues where it stopped."""
     catalog = load_catalog(cfg.data.catalog or None)
     relations = select_relations(cfg.train.relations, catalog)
     d = cfg.distributed
@@ -434,7 +463,9 @@ def train(cfg: Config) -> list[dict]:
                             d.timeout_minutes)
     try:
         set_determinism(cfg.train.seed, cfg.train.deterministic)
-        pending = [r for r in relations if not (Path(cfg.train.output_dir) / r.name / "DONE.json").is_file()]
+        plan = _plan(cfg, relations)
+        dist.barrier()                             # every rank has read the DONE files before any is removed
+        pending = [r for r in relations if plan[r.name] != "skip"]
         dataset = None
         if pending:
             if dist.is_main:                       # one rank generates/extends the dataset, the others wait
@@ -449,11 +480,24 @@ def train(cfg: Config) -> list[dict]:
         results = []
         for relation in relations:
             done = Path(cfg.train.output_dir) / relation.name / "DONE.json"
-            if done.is_file():
+            if plan[relation.name] == "skip":
+                steps = json.loads(done.read_text())["steps"]
+                more = steps < cfg.train.max_steps
                 if dist.is_main:
-                    log.info("%s: already finished (%s), skipping", relation.name, done)
-                results.append(json.loads(done.read_text()) | {"status": "skipped (finished before)"})
+                    if more:
+                        log.warning("%s: finished at %d steps, fewer than train.max_steps %d: pass --resume to "
+                                    "extend it from its last checkpoint", relation.name, steps, cfg.train.max_steps)
+                    else:
+                        log.info("%s: already finished (%d steps, %s), skipping", relation.name, steps, done)
+                status = f"skipped (finished at {steps} steps{'; --resume extends it' if more else ''})"
+                results.append(json.loads(done.read_text()) | {"status": status})
                 continue
+            if plan[relation.name] == "extend":
+                if dist.is_main:
+                    log.info("%s: extending from step %s to %d", relation.name,
+                             json.loads(done.read_text())["steps"], cfg.train.max_steps)
+                    done.unlink()                  # unfinished again until the new steps are done
+                dist.barrier()
             results.append(train_relation(cfg, comps, relation, dist, dataset))
         return results
     finally:

@@ -47,6 +47,8 @@ def fabricate(root: Path, latent_shape, text_shape, samples: int, per_shard: int
             key=f"bench__{i:05d}", latent_mean=rng.standard_normal(latent_shape, dtype=np.float32),
             latent_logvar=np.full(latent_shape, -6.0, np.float32),
             mask_subject1=rng.random((f, h, w), dtype=np.float32), mask_subject2=rng.random((f, h, w), dtype=np.float32),
+            mask_subject1_maxpool=rng.random((f, h, w), dtype=np.float32),
+            mask_subject2_maxpool=rng.random((f, h, w), dtype=np.float32),
             text_embed=rng.standard_normal(text_shape, dtype=np.float32), text_mask=np.ones(text_shape[:1], bool),
             preview=np.zeros((5, 72, 128, 3), np.uint8), preview_masks=np.zeros((5, 2, 72, 128), np.uint8),
             meta={"relation": "bench", "source": f"fabricated/{i}"}))

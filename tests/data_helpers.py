@@ -17,6 +17,8 @@ def fake_sample(key: str, relation: str, latent_shape=(CHANNELS, 2, 4, 6), seed:
         key=key, latent_mean=rng.standard_normal(latent_shape, dtype=np.float32),
         latent_logvar=np.full(latent_shape, -6.0, dtype=np.float32),
         mask_subject1=rng.random((f, h, w), dtype=np.float32), mask_subject2=rng.random((f, h, w), dtype=np.float32),
+        mask_subject1_maxpool=rng.random((f, h, w), dtype=np.float32),
+        mask_subject2_maxpool=rng.random((f, h, w), dtype=np.float32),
         text_embed=rng.standard_normal((TEXT_TOKENS, TEXT_DIM), dtype=np.float32),
         text_mask=np.array([True, True, False, False]), preview=rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8),
         preview_masks=rng.integers(0, 255, (2, 2, 8, 8), dtype=np.uint8),

@@ -53,3 +53,22 @@ def test_overrides_types_and_errors(tmp_path):
 @pytest.mark.parametrize("name", ["w_o_hmt", "w_o_rcl", "direct_lora"])
 def test_ablation_configs_load(name):
     load_config(REPO / "configs" / "ablations" / f"{name}.yaml")
+
+
+def test_official_and_paper_configs_set_their_readings():
+    official = load_config(REPO / "configs" / "official.yaml")
+    assert (official.loss.mode, official.loss.rcl_variant, official.optim.frozen_adapters, official.hmt.forward) == (
+        "official", "official", "zero_grad", "selected")
+    assert (official.optim.warmup_steps, official.optim.schedule_steps, official.optim.max_grad_norm) == (200, 3000, 0)
+    assert (official.loss.n_pos, official.loss.bank_size, official.loss.negative_bank_frames) == (1, 10, 64)
+    assert official.prepare.trim == "start"
+    paper = load_config(REPO / "configs" / "paper.yaml")
+    assert (paper.train.max_steps, paper.loss.n_pos, paper.loss.bank_size, paper.loss.rcl_variant) == (2400, 4, 64,
+                                                                                                        "paper")
+
+
+@pytest.mark.parametrize("option,value", [("hmt.forward", "some"), ("optim.frozen_adapters", "freeze"),
+                                          ("loss.rcl_variant", "both"), ("optim.schedule_steps", "-1")])
+def test_new_method_options_are_checked(option, value):
+    with pytest.raises(ValueError, match=option.split(".")[1]):
+        load_config(None, [f"{option}={value}"])

@@ -91,6 +91,25 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(work, stage):
     assert len(state["memory_bank"]["sha256"]) == 64
 
 
+OFFICIAL = ["--set", "loss.mode=official", "--set", "loss.rcl_variant=official", "--set",
+            "optim.frozen_adapters=zero_grad", "--set", "optim.max_grad_norm=0", "--set", "loss.bank_size=3",
+            "--set", "loss.n_pos=2", "--set", "loss.negative_bank_frames=5"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_official_method_on_two_ranks_matches_one_rank(work, stage):
+    """Max-pooled masks, the official contrastive variant (negatives with gradient), frozen adapters stepped with
+    zero gradients (ZeRO's flat partitions vs the plain engine's zero fill) and only the selected adapters in the
+    forward pass: the same run on 2 ZeRO ranks as on one plain rank."""
+    if not (work / "one_official").exists():
+        _train(work, "one_official", "--relations", "handshaking", *STEPS, "--set", "train.batch_size=2", *OFFICIAL)
+    _train(work, f"official{stage}", "--relations", "handshaking", *STEPS, "--set", f"distributed.zero_stage={stage}",
+           *OFFICIAL, ranks=2)
+    rows = _rows(work / "one_official" / "handshaking")
+    assert {r["selection"] for r in rows} != {"relation"} and any(r["loss_rcl"] is not None for r in rows)
+    _assert_same_run(work / "one_official" / "handshaking", work / f"official{stage}" / "handshaking")
+
+
 def test_checkpoints_move_between_rank_counts(work):
     """A ZeRO-3 checkpoint of 2 ranks resumes on 1 rank, and a 1-rank checkpoint on 2 ZeRO-2 ranks."""
     if not (work / "zero3").exists():

@@ -82,3 +82,113 @@ def test_loss_mask_follows_selection():
     assert torch.allclose(HybridMaskTraining.loss_mask("relation", m1, m2, "official"), m1 + m2)
     assert torch.equal(HybridMaskTraining.loss_mask("subject1", m1, m2), m1)
     assert torch.equal(HybridMaskTraining.loss_mask("subject2", m1, m2), m2)
+
+
+def test_active_adapters_follow_the_selection_and_the_placement():
+    from dr_train.hmt import active_adapters
+
+    four = ["relation", "subject1", "subject2", "ffn"]
+    assert active_adapters("relation", four) == four
+    assert active_adapters("subject1", four) == ["subject1", "ffn"]
+    assert active_adapters("subject2", four) == ["subject2", "ffn"]
+    assert active_adapters("all", four) == four
+    assert active_adapters("relation", ["relation", "ffn"]) == ["relation", "ffn"]            # w/o subject LoRAs
+    assert active_adapters("subject2", ["relation", "subject1", "subject2"]) == ["subject2"]  # w/o FFN LoRAs
+    assert active_adapters("relation", ["subject1", "subject2", "ffn"]) == ["subject1", "subject2", "ffn"]
+    import pytest
+    with pytest.raises(ValueError, match="unknown HMT selection 'subject3'"):
+        active_adapters("subject3", four)
+
+
+def _nonzero_adapters(run, seed=0):
+    """Random lora_B (they start at zero), so every adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in run.transformer.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _captured_step(run, selection):
+    """Run one training step with `selection`; returns (a copy of the model before the step, the forward's inputs,
+    its output)."""
+    import copy
+
+    before = copy.deepcopy(run.transformer)
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen["kwargs"] = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+        seen["out"] = output[0].detach().clone()
+
+    handle = run.transformer.register_forward_hook(hook, with_kwargs=True)
+    _force(run, selection)
+    try:
+        run.train_step()
+    finally:
+        handle.remove()
+    return before, seen["kwargs"], seen["out"]
+
+
+def _with_only(model, adapters):
+    """The output of `model` keeping only `adapters` (the others deleted with PEFT's own API)."""
+    others = [a for a in ("relation", "subject1", "subject2", "ffn") if a not in adapters]
+    if others:
+        model.delete_adapters(others)
+    model.set_adapters(list(adapters))
+    return model
+
+
+def test_subject_step_runs_only_its_subject_and_ffn(tmp_path):
+    run = _run(tmp_path, **{"data.caption_dropout": 0.0})
+    try:
+        _nonzero_adapters(run)
+        before, kwargs, out = _captured_step(run, "subject1")
+    finally:
+        run.close()
+    import copy
+    with torch.no_grad():
+        expected = _with_only(copy.deepcopy(before), ["subject1", "ffn"])(**kwargs)[0]
+        everything = _with_only(before, ["relation", "subject1", "subject2", "ffn"])(**kwargs)[0]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    assert (out - everything).abs().max() > 1e-3          # relation and subject2 would have changed it
+
+
+def test_relation_step_runs_all_four_and_forward_all_runs_all_four_in_subject_steps(tmp_path):
+    for forward, selection in (("selected", "relation"), ("all", "subject2")):
+        run = _run(tmp_path / forward, **{"data.caption_dropout": 0.0, "hmt.forward": forward})
+        try:
+            _nonzero_adapters(run)
+            before, kwargs, out = _captured_step(run, selection)
+            updated = run.optimizer.param_groups
+        finally:
+            run.close()
+        with torch.no_grad():
+            expected = _with_only(before, ["relation", "subject1", "subject2", "ffn"])(**kwargs)[0]
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+        assert [g["adapter"] for g in updated if g["active"]] == (
+            ["relation", "subject1", "subject2", "ffn"] if selection == "relation" else ["subject2", "ffn"])
+
+
+def test_zero_grad_mode_moves_and_decays_frozen_adapters_as_adamw_with_zero_gradients(tmp_path):
+    """optim.frozen_adapters=zero_grad (official): a subject1 step still steps relation with a zero gradient:
+    w <- w (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), moments decayed, step count + 1."""
+    run = _run(tmp_path, **{"optim.frozen_adapters": "zero_grad"})
+    try:
+        _force(run, "relation")
+        run.train_step()
+        p = run.params_by_adapter["relation"][0]
+        w0, st = p.detach().clone(), {k: v.clone() for k, v in run.optimizer.state[p].items()}
+        lr = run.optimizer.param_groups[0]["lr"]
+        record = (_force(run, "subject1"), run.train_step())[1]
+        group = run.optimizer.param_groups[0]
+        b1, b2 = group["betas"]
+        m, v, t = st["exp_avg"] * b1, st["exp_avg_sq"] * b2, float(st["step"]) + 1
+        expected = w0 * (1 - lr * group["weight_decay"]) - lr * (m / (1 - b1 ** t)) / (
+            (v / (1 - b2 ** t)).sqrt() + group["eps"])
+        assert record["adapters_updated"] == ["subject1", "ffn"]
+        torch.testing.assert_close(p.detach(), expected, atol=1e-7, rtol=1e-5)
+        assert float(run.optimizer.state[p]["step"]) == t
+        assert not torch.equal(p.detach(), w0)
+    finally:
+        run.close()

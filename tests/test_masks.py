@@ -39,3 +39,50 @@ def test_missing_or_empty_mask_folder_is_an_error(tmp_path):
         sorted_frame_files(tmp_path / "nope")
     with pytest.raises(ValueError, match="holds no frames"):
         sorted_frame_files(tmp_path)
+
+
+def _official_resize_with_mask_preservation(image_BHW, h, w):
+    """The official code's mask downscaling, transcribed: nearest resize, then every 1 of the original is set
+    at its scaled position."""
+    import torch.nn.functional as F
+
+    _, oh, ow = image_BHW.shape
+    out = F.interpolate(image_BHW.unsqueeze(1), size=(h, w), mode="nearest").squeeze(1)
+    pos = torch.nonzero(image_BHW == 1, as_tuple=False)
+    new_x = (pos[:, 2].float() * (w / ow)).floor().long().clamp(0, w - 1)
+    new_y = (pos[:, 1].float() * (h / oh)).floor().long().clamp(0, h - 1)
+    out[pos[:, 0], new_y, new_x] = 1.0
+    return out
+
+
+def _official_latent_mask(m_FHW, t=6):
+    """Frame 0 alone, then the mean of each group of t frames, each frame resized the official way."""
+    h, w = m_FHW.shape[1] // 8, m_FHW.shape[2] // 8
+    frames = [_official_resize_with_mask_preservation(m_FHW[:1], h, w)[0]]
+    for k in range((m_FHW.shape[0] - 1) // t):
+        group = m_FHW[1 + k * t: 1 + (k + 1) * t]
+        frames.append(torch.stack([_official_resize_with_mask_preservation(f[None], h, w)[0] for f in group]).mean(0))
+    return torch.stack(frames)
+
+
+def test_max_pooling_equals_the_official_mask_downscaling():
+    g = torch.Generator().manual_seed(1)
+    m = torch.zeros(13, 32, 48)
+    m[:, 5:19, 9:30] = 1.0                                   # a body whose edges cut through latent cells
+    m[3:9, 25, 41] = 1.0                                     # one pixel alone in its 8x8 cell
+    m[(torch.rand(13, 32, 48, generator=g) > 0.97)] = 1.0    # specks
+    ours = latent_masks(m, pooling="max")
+    assert torch.allclose(ours, _official_latent_mask(m), atol=1e-7)
+    assert (ours >= latent_masks(m)).all() and (ours > latent_masks(m)).any()  # max >= mean, strictly at edges
+
+
+def test_max_pooling_counts_a_touched_cell_whole():
+    m = torch.zeros(7, 16, 16)
+    m[3:5, 9, 2] = 1.0                                        # one pixel of cell (1, 0), in 2 of frames 1..6
+    assert latent_masks(m, pooling="max")[1, 1, 0] == pytest.approx(2 / 6)
+    assert latent_masks(m)[1, 1, 0] == pytest.approx(2 / 6 / 64)
+
+
+def test_unknown_pooling_is_an_error():
+    with pytest.raises(ValueError, match="pooling"):
+        latent_masks(torch.zeros(7, 8, 8), pooling="median")

@@ -58,8 +58,14 @@ def test_metrics_record_every_step(tmp_path):
     assert any((out / "tensorboard").iterdir())
 
 
-def test_resume_is_bit_exact(tmp_path):
-    over = {"train.relations": "high_five", "train.deterministic": True, "data.caption_dropout": 0.3}
+OFFICIAL = {"loss.mode": "official", "loss.rcl_variant": "official", "optim.frozen_adapters": "zero_grad",
+            "loss.bank_size": 3, "loss.n_pos": 2, "loss.negative_bank_frames": 5}
+
+
+@pytest.mark.parametrize("method", ["paper", "official"])
+def test_resume_is_bit_exact(tmp_path, method):
+    over = {"train.relations": "high_five", "train.deterministic": True, "data.caption_dropout": 0.3,
+            **(OFFICIAL if method == "official" else {})}
     straight = small_config(tmp_path / "a", **over)
     train(straight)
 
@@ -205,3 +211,80 @@ def test_triton_kernels_in_the_trainer_match_the_torch_path(tmp_path, monkeypatc
     for (rec_t, rcl_t), (rec_k, rcl_k) in zip(losses["torch"], losses["triton"]):
         assert rec_k == pytest.approx(rec_t, rel=1e-5)
         assert (rcl_t is None and rcl_k is None) or rcl_k == pytest.approx(rcl_t, rel=1e-4)
+
+
+def test_official_mode_weights_the_loss_with_max_pooled_masks_and_runs_the_official_contrastive_term(tmp_path,
+                                                                                                     monkeypatch):
+    import kernels
+
+    cfg = small_config(tmp_path, **{"train.relations": "hugging", **OFFICIAL})
+    run = make_run(cfg, "hugging", tmp_path / "r")
+    seen = {}
+    real_loss, real_next = kernels.masked_flow_matching_loss, run.next_batch
+
+    def loss(pred, target, mask, weight, mode):
+        seen["mask"], seen["mode"] = mask.detach().clone(), mode
+        return real_loss(pred, target, mask, weight, mode)
+
+    def next_batch():
+        seen["batch"] = real_next()
+        return seen["batch"]
+
+    monkeypatch.setattr(kernels, "masked_flow_matching_loss", loss)
+    run.next_batch = next_batch
+    run.hmt.draw = lambda: "relation"
+    try:
+        records = [run.train_step() for _ in range(3)]
+    finally:
+        run.close()
+    b = seen["batch"]
+    assert seen["mode"] == "official"
+    assert torch.equal(seen["mask"], b["mask_subject1_maxpool"] + b["mask_subject2_maxpool"])
+    assert not torch.equal(b["mask_subject1_maxpool"], b["mask_subject1"])
+    assert records[0]["loss_rcl"] is None and "holds no clip" in records[0]["rcl_skipped"]
+    assert all(r["loss_rcl"] is not None for r in records[1:])          # used as soon as one clip is held
+
+
+def test_extending_a_finished_run_equals_training_straight(tmp_path, caplog):
+    """--max-steps 2, then --resume --max-steps 4 (killed at step 3, resumed): the same steps and weights as 4
+    straight, with optim.schedule_steps fixing the LR horizon."""
+    over = {"train.relations": "high_five", "train.deterministic": True, "optim.schedule_steps": 4,
+            "train.checkpoint_every": 1}
+    straight = small_config(tmp_path / "a", **over, **{"train.max_steps": 4})
+    train(straight)
+
+    short = small_config(tmp_path / "b", **over, **{"train.max_steps": 2})
+    train(short)
+    out = tmp_path / "b" / "runs" / "high_five"
+    assert json.loads((out / "DONE.json").read_text())["steps"] == 2
+    longer = small_config(tmp_path / "b", **over, **{"train.max_steps": 4})
+    skipped = train(longer)                                              # without --resume: skipped, told why
+    assert "--resume extends it" in skipped[0]["status"]
+    longer.train.resume = True
+    original = RelationRun.train_step
+
+    def crash_at_four(self):
+        if self.step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    RelationRun.train_step = crash_at_four
+    try:
+        with caplog.at_level("INFO", logger="dr_train"), pytest.raises(KeyboardInterrupt):
+            train(longer)
+    finally:
+        RelationRun.train_step = original
+    assert "extending from step 2 to 4" in caplog.text
+    assert not (out / "DONE.json").exists()                              # unfinished again until step 4
+    train(longer)
+    a = _metrics(tmp_path / "a" / "runs" / "high_five" / "metrics.jsonl")
+    b = _metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "loss_rec", "loss_rcl", "selection", "lr", "videos"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    wa = load_file(str(tmp_path / "a/runs/high_five/checkpoints/step-00000004/adapters.safetensors"))
+    wb = load_file(str(out / "checkpoints/step-00000004/adapters.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((out / "DONE.json").read_text())["steps"] == 4
+    assert train(longer)[0]["status"].startswith("skipped (finished at 4 steps)")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dr_train.data.shards import load_manifest, load_null_text, read_shard, text_shape
+from dr_train.data.shards import MASK_FIELDS, load_manifest, load_null_text, read_shard, text_shape
 
 log = logging.getLogger("dr_train")
 
@@ -110,7 +110,7 @@ def collate(samples: list, epoch: int) -> dict:
     return {
         "video_ids": [s.key for s in samples], "relations": [s.meta.get("relation", "") for s in samples],
         "epoch": epoch, "latents_mean": stack("latent_mean"), "latents_logvar": stack("latent_logvar"),
-        "mask_subject1": stack("mask_subject1"), "mask_subject2": stack("mask_subject2"),
+        **{name: stack(name) for name in MASK_FIELDS},
         "text_embed": stack("text_embed"), "text_mask": stack("text_mask"),
     }
 

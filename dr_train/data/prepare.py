@@ -191,7 +191,8 @@ def build_sample(clip: Clip, encoder, cfg: PrepareConfig) -> shard_io.Sample:
     if empty:
         raise ValueError(f"{clip.job.source}: subject {' and '.join(map(str, empty))} mask is empty in every frame")
     mean, logvar = encoder.encode_video(clip.frames)
-    latent = [latent_masks(torch.from_numpy(masks[:, s])).numpy().astype(np.float32) for s in range(2)]
+    latent = [latent_masks(torch.from_numpy(masks[:, s]), pooling=pooling).numpy().astype(np.float32)
+              for pooling in ("mean", "max") for s in range(2)]
     if latent[0].shape != mean.shape[1:]:
         raise ValueError(f"{clip.job.source}: latent masks {latent[0].shape} do not match the VAE latent "
                          f"{mean.shape[1:]}")
@@ -205,7 +206,8 @@ def build_sample(clip: Clip, encoder, cfg: PrepareConfig) -> shard_io.Sample:
     if clip.boxes is not None:
         meta["truth"] = {"relation": clip.job.relation, "boxes_xyxy": clip.boxes}
     return shard_io.Sample(key=clip.job.key, latent_mean=mean, latent_logvar=logvar, mask_subject1=latent[0],
-                           mask_subject2=latent[1], text_embed=text_embed, text_mask=text_mask, preview=preview,
+                           mask_subject2=latent[1], mask_subject1_maxpool=latent[2],
+                           mask_subject2_maxpool=latent[3], text_embed=text_embed, text_mask=text_mask, preview=preview,
                            preview_masks=preview_masks, meta=meta)
 
 

@@ -6,6 +6,8 @@ One sample is a group of tar members sharing a key (the WebDataset convention):
   <key>.latent_logvar.npy   float32 (C, F, h, w)  VAE posterior log-variance (a latent is drawn per step)
   <key>.mask_subject1.npy   float32 (F, h, w)     latent-resolution subject masks in [0, 1]
   <key>.mask_subject2.npy   float32 (F, h, w)
+  <key>.mask_subject1_maxpool.npy, <key>.mask_subject2_maxpool.npy   float32 (F, h, w)   the same masks pooled
+                            with the official code's 8x8 max instead of the mean (`loss.mode: official`)
   <key>.text_embed.npy      float32 (L, D)        T5 embedding of the sample's prompt
   <key>.text_mask.npy       bool    (L,)          its attention mask
   <key>.preview.npy         uint8   (K, ph, pw, 3) a few downscaled frames, for contact sheets
@@ -31,15 +33,17 @@ from typing import Iterator
 import numpy as np
 
 FORMAT = "dr-train-latents"
-VERSION = 1
+VERSION = 2                     # 2: the max-pooled masks
 MANIFEST = "manifest.json"
 NULL_TEXT = "null_text.safetensors"
 ARRAY_FIELDS = {
     "latent_mean": np.float32, "latent_logvar": np.float32, "mask_subject1": np.float32,
-    "mask_subject2": np.float32, "text_embed": np.float32, "text_mask": np.bool_, "preview": np.uint8,
+    "mask_subject2": np.float32, "mask_subject1_maxpool": np.float32, "mask_subject2_maxpool": np.float32,
+    "text_embed": np.float32, "text_mask": np.bool_, "preview": np.uint8,
     "preview_masks": np.uint8,
 }
 MEMBERS = {f"{name}.npy" for name in ARRAY_FIELDS} | {"meta.json"}
+MASK_FIELDS = ("mask_subject1", "mask_subject2", "mask_subject1_maxpool", "mask_subject2_maxpool")
 
 
 class ShardError(ValueError):
@@ -53,6 +57,8 @@ class Sample:
     latent_logvar: np.ndarray
     mask_subject1: np.ndarray
     mask_subject2: np.ndarray
+    mask_subject1_maxpool: np.ndarray
+    mask_subject2_maxpool: np.ndarray
     text_embed: np.ndarray
     text_mask: np.ndarray
     preview: np.ndarray
@@ -84,7 +90,7 @@ def check_sample(sample: Sample, where: str, text_shape: tuple[int, int] | None 
         bad(f"latent_mean has {lat.shape[0]} channels, the dataset's VAE has {latent_channels}")
     if sample.latent_logvar.shape != lat.shape:
         bad(f"latent_logvar shape {sample.latent_logvar.shape} differs from latent_mean {lat.shape}")
-    for name in ("mask_subject1", "mask_subject2"):
+    for name in MASK_FIELDS:
         m = getattr(sample, name)
         if m.shape != lat.shape[1:]:
             bad(f"{name} shape {m.shape} does not match the latent's (F, h, w) = {lat.shape[1:]}")
@@ -217,7 +223,8 @@ def load_manifest(root: Path) -> dict:
         raise ValueError(f"dataset manifest {path} is not valid JSON: {e}") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"dataset manifest {path} has format {manifest.get('format')!r} version "
-                         f"{manifest.get('version')!r}; this code reads {FORMAT!r} version {VERSION}")
+                         f"{manifest.get('version')!r}; this code reads {FORMAT!r} version {VERSION}: prepare the "
+                         f"videos again into a new folder (launch/prepare.py)")
     return manifest
 
 

@@ -13,7 +13,7 @@ import torch
 from dr_train.catalog import Relation
 from dr_train.config import Config
 from dr_train.data.encode import ClipEncoder
-from dr_train.data.shards import load_manifest
+from dr_train.data.shards import VERSION, load_manifest
 
 log = logging.getLogger("dr_train")
 
@@ -42,7 +42,7 @@ def synthetic_prepare_config(cfg: Config):
 def synthetic_dataset_dir(cfg: Config) -> Path:
     d = cfg.data
     key = json.dumps([cfg.model.preset, cfg.model.max_text_tokens, d.videos_per_relation, d.latent_frames,
-                      d.latent_height, d.latent_width, cfg.train.seed])
+                      d.latent_height, d.latent_width, cfg.train.seed, VERSION])
     return Path(d.cache_dir) / f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

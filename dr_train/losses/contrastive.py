@@ -40,3 +40,16 @@ def relational_contrastive_loss(anchors: torch.Tensor, positives: torch.Tensor, 
     all_logits = torch.cat([pos_logits, neg_logits], dim=-1)
     loss_BT = torch.logsumexp(all_logits, dim=-1) - torch.logsumexp(pos_logits, dim=-1)
     return loss_BT.mean()
+
+
+def official_relational_contrastive_loss(dynamics_TC: torch.Tensor, frame_means_FC: torch.Tensor,
+                                         positives_TPC: torch.Tensor, bank_negatives_TKC: torch.Tensor,
+                                         temperature: float = 0.07) -> torch.Tensor:
+    """The official code's variant for one clip: the negatives of every anchor frame are the clip's own F frame
+    features (with their gradient) followed by K features from the bank; positives (T, P, C) from the bank.
+    Same InfoNCE as `relational_contrastive_loss`, averaged over the T anchor frames."""
+    frames, channels = frame_means_FC.shape
+    anchors = dynamics_TC.shape[0]
+    own_TFC = frame_means_FC.float()[None].expand(anchors, frames, channels)
+    negatives_TNC = torch.cat([own_TFC, bank_negatives_TKC.to(own_TFC)], dim=1)
+    return relational_contrastive_loss(dynamics_TC[None], positives_TPC[None], negatives_TNC[None], temperature)

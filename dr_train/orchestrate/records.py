@@ -29,9 +29,21 @@ def relation_dir(storage: Path, relation: str) -> Path:
     return Path(storage) / relation
 
 
-def is_finished(rel_dir: Path) -> bool:
-    """The trainer writes DONE.json last: a finished relation is skipped on re-submission."""
-    return (rel_dir / "DONE.json").is_file()
+def finished_steps(rel_dir: Path) -> int | None:
+    """The steps a finished relation was trained for (the trainer writes DONE.json last), None if unfinished."""
+    path = Path(rel_dir) / "DONE.json"
+    if not path.is_file():
+        return None
+    done = read_json(path)
+    if not isinstance(done, dict) or not isinstance(done.get("steps"), int):
+        raise ValueError(f"{path} is not a finished relation's record (no integer 'steps')")
+    return done["steps"]
+
+
+def is_finished(rel_dir: Path, max_steps: int = 0) -> bool:
+    """Finished with at least `max_steps` steps: skipped on re-submission (one trained for fewer is extended)."""
+    steps = finished_steps(rel_dir)
+    return steps is not None and steps >= max_steps
 
 
 def latest_checkpoint_step(rel_dir: Path) -> int:

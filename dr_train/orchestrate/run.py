@@ -9,7 +9,8 @@ Ray mechanisms used, and nothing of our own beyond the glue:
   - the concurrency limit: at most --max-concurrent tasks in flight, the next submitted when `ray.wait` returns
     one (Ray's "limit pending tasks" pattern), in longest-expected-first order (see plan.py).
 Each attempt resumes from the relation's latest checkpoint on shared storage (the trainer runs with
-train.resume=true); a finished relation (DONE.json) is skipped on re-submission.
+train.resume=true); a finished relation (DONE.json) is skipped on re-submission unless it is asked for more
+steps than it had, then it continues from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -239,7 +240,8 @@ def run_relations(cfg: Config, opts: RayOptions, out: TextIO | None = None) -> R
 
         resources = planning.resolve_resources(opts, ray.cluster_resources())
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        done_before = [n for n in names if records.is_finished(records.relation_dir(storage, n))]
+        done_before = [n for n in names
+                       if records.is_finished(records.relation_dir(storage, n), cfg.train.max_steps)]
         pending = [n for n in names if n not in done_before]
         history = planning.read_history([storage / "results.csv", *map(Path, opts.history)])
         order = planning.plan_relations(pending, storage, cfg.train.max_steps, history)
