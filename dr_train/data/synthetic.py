@@ -123,10 +123,11 @@ def pattern_for(relation: str) -> dict:
     return PATTERNS[RELATIONS[digest % len(RELATIONS)]]
 
 
-def pattern_tracks(pattern: dict, t_T: np.ndarray) -> dict[str, np.ndarray]:
-    """Each parameter over normalised times t (T,), piecewise linear between keyframes."""
+def pattern_tracks(pattern: dict, t_T: np.ndarray, defaults: dict | None = None) -> dict[str, np.ndarray]:
+    """Each parameter over normalised times t (T,), piecewise linear between keyframes. `defaults` (default
+    DEFAULTS) names the parameters and their values where the pattern does not set them."""
     out = {}
-    for name, default in DEFAULTS.items():
+    for name, default in (DEFAULTS if defaults is None else defaults).items():
         spec = pattern.get(name, default)
         if isinstance(spec, (int, float)):
             out[name] = np.full_like(t_T, float(spec))

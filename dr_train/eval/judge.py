@@ -7,9 +7,11 @@ template they match best (definitions and measured accuracy: docs/metrics_relati
    through the rows' median colours models it (rows where the subjects cover over half the width are trimmed as
    outliers); foreground = pixels farther than `threshold` (RGB distance, 0-255) from their row's background.
 2. subjects: the two subjects have distinct saturated hues; the foreground pixels' hue directions are split by a
-   deterministic 2-means on the hue circle, each cluster cleaned of specks and one-pixel fringes (chroma
-   subsampling of mp4s), and per frame each cluster is one detection. Where the hues do not separate, the
-   detections are the frame's connected components instead.
+   deterministic 2-means on the hue circle (fitted on the clearly coloured pixels, chroma >= 0.35 x the
+   foreground's 90th percentile, since greyish mp4 / blur fringes have random hues), each cluster cleaned of specks
+   and one-pixel fringes (chroma subsampling of mp4s), and per frame each cluster is one detection. Where the hues
+   do not separate (cluster centres under `min_hue_separation` = 20 degrees apart), the detections are the frame's
+   connected components.
 3. identities: colour clusters keep their identity over time (frames where one is missing are interpolated);
    connected components are linked by `dr_train.data.tracking.track_two_subjects`. Either way subject 1 is the
    left one in the first frame that shows both (the tracker's convention).
@@ -40,6 +42,10 @@ CHANNELS = ("x", "y", "reach_left", "reach_right", "reach_up", "reach_down")   #
 _BACKGROUND_FRAMES = 8              # frames sampled for the per-row background median
 _BACKGROUND_TOLERANCE = 6.0         # row medians within this RGB distance of the fitted gradient always count
 _CLUSTER_SAMPLES = 4096             # foreground pixels the colour 2-means is fitted on
+_FIT_CHROMA = 0.35                  # the colour 2-means is fitted on pixels with this fraction of the foreground's
+                                    # 90th-percentile chroma or more: greyish fringes (mp4, blur) have random hues
+MIN_HUE_SEPARATION = 20.0           # degrees between the two hue clusters' centres for colour identities: two
+                                    # subjects of one world kind are 31-36 apart, one colour splits into < 1
 
 
 class SubjectsNotFound(ValueError):
@@ -108,21 +114,26 @@ def foreground_masks(frames_FHWC: np.ndarray, threshold: float = 40.0) -> np.nda
     return distance_FHW > threshold
 
 
+def chroma_vectors(pixels_N3: np.ndarray) -> np.ndarray:
+    """(N, 2) opponent colour axes R - (G+B)/2 and sqrt(3)/2 (G - B): direction = hue, length = chroma (0-255)."""
+    rgb = pixels_N3.astype(np.float32)
+    return np.stack([rgb[:, 0] - 0.5 * (rgb[:, 1] + rgb[:, 2]), 0.8660254 * (rgb[:, 1] - rgb[:, 2])], axis=1)
+
+
 def hue_vectors(pixels_N3: np.ndarray) -> np.ndarray:
     """(N, 2) unit vectors of the pixels' hue angle (opponent colour axes)."""
-    rgb = pixels_N3.astype(np.float32)
-    a = rgb[:, 0] - 0.5 * (rgb[:, 1] + rgb[:, 2])
-    b = 0.8660254 * (rgb[:, 1] - rgb[:, 2])
-    vec = np.stack([a, b], axis=1)
+    vec = chroma_vectors(pixels_N3)
     return vec / np.linalg.norm(vec, axis=1, keepdims=True).clip(min=1e-6)
 
 
-def two_colour_clusters(vectors_N2: np.ndarray, iterations: int = 10) -> tuple[np.ndarray, float]:
+def two_colour_clusters(vectors_N2: np.ndarray, iterations: int = 10,
+                        fit_N: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """2-means of hue vectors, deterministically seeded with the vector farthest from the mean and the one farthest
-    from it, fitted on an evenly strided subset of at most _CLUSTER_SAMPLES vectors.
-    Returns (labels (N,) of all vectors, angle between the two centres in degrees)."""
-    assert len(vectors_N2) >= 2
-    fit_M2 = vectors_N2[::max(1, len(vectors_N2) // _CLUSTER_SAMPLES)]
+    from it, fitted on an evenly strided subset of at most _CLUSTER_SAMPLES vectors (of those where the bool `fit_N`
+    is set, if given). Returns (labels (N,) of all vectors, angle between the two centres in degrees)."""
+    fit_vectors = vectors_N2 if fit_N is None or fit_N.sum() < 2 else vectors_N2[fit_N]
+    assert len(fit_vectors) >= 2
+    fit_M2 = fit_vectors[::max(1, len(fit_vectors) // _CLUSTER_SAMPLES)]
     first = fit_M2[np.argmax(((fit_M2 - fit_M2.mean(0)) ** 2).sum(1))]
     second = fit_M2[np.argmax(((fit_M2 - first) ** 2).sum(1))]
     centres_22 = np.stack([first, second])
@@ -158,6 +169,7 @@ class Detections:
     centres_N2: np.ndarray    # float64 median x, y of the detection's pixels (robust to a thin arm)
     pixels_N: np.ndarray      # float64 pixel counts (the tracker's scores)
     colours_N: np.ndarray     # int64 colour cluster (0 or 1) of each detection; -1 for connected components
+    masks_NHW: np.ndarray | None = None   # bool pixels of each detection (detect_subjects(with_masks=True))
 
 
 def _detection(mask_HW: np.ndarray) -> tuple[list[float], list[float], float]:
@@ -167,16 +179,19 @@ def _detection(mask_HW: np.ndarray) -> tuple[list[float], list[float], float]:
 
 
 def detect_subjects(frames_FHWC: np.ndarray, threshold: float = 40.0, min_pixels: int | None = None,
-                    min_hue_separation: float = 40.0) -> list[Detections]:
+                    min_hue_separation: float = MIN_HUE_SEPARATION, with_masks: bool = False) -> list[Detections]:
     """Per frame: one detection per colour cluster, or the connected components where the foreground's hues do not
     split into two clusters at least `min_hue_separation` degrees apart. Parts under `min_pixels` (default 0.2 % of
-    the frame) are dropped."""
+    the frame) are dropped. `with_masks` keeps each detection's pixels (`Detections.masks_NHW`)."""
     frames = _check_frames(frames_FHWC)
     n, h, w, _ = frames.shape
     min_pixels = max(4, int(round(h * w * 0.002))) if min_pixels is None else min_pixels
     fg_FHW = foreground_masks(frames, threshold)
     if fg_FHW.sum() >= 2:
-        labels_N, separation = two_colour_clusters(hue_vectors(frames[fg_FHW]))
+        chroma_N2 = chroma_vectors(frames[fg_FHW])
+        chroma_N = np.linalg.norm(chroma_N2, axis=1)
+        strong_N = chroma_N >= _FIT_CHROMA * np.percentile(chroma_N, 90)
+        labels_N, separation = two_colour_clusters(chroma_N2 / chroma_N[:, None].clip(min=1e-6), fit_N=strong_N)
     else:
         labels_N, separation = np.zeros(int(fg_FHW.sum()), dtype=np.int64), 0.0
     cluster_FHW = np.full(fg_FHW.shape, -1, dtype=np.int64)
@@ -195,10 +210,12 @@ def detect_subjects(frames_FHWC: np.ndarray, threshold: float = 40.0, min_pixels
             parts = [comp_HW == c for c in np.unique(comp_HW[comp_HW > 0])]
         found = [(_detection(part), k if colour_mode else -1) for k, part in enumerate(parts)
                  if part.sum() >= min_pixels]
+        kept = [part for part in parts if part.sum() >= min_pixels]
         out.append(Detections(np.array([d[0] for d, _ in found], dtype=np.float64).reshape(-1, 4),
                               np.array([d[1] for d, _ in found], dtype=np.float64).reshape(-1, 2),
                               np.array([d[2] for d, _ in found], dtype=np.float64),
-                              np.array([k for _, k in found], dtype=np.int64)))
+                              np.array([k for _, k in found], dtype=np.int64),
+                              np.array(kept, dtype=bool).reshape(-1, h, w) if with_masks else None))
     return out
 
 
@@ -225,12 +242,33 @@ def _fill_missing(values_FK: np.ndarray, found_F: np.ndarray) -> np.ndarray:
                     axis=1)
 
 
-def track_subjects(frames_FHWC: np.ndarray, threshold: float = 40.0) -> SubjectTracksXY:
+def track_subjects(frames_FHWC: np.ndarray, threshold: float = 40.0,
+                   min_hue_separation: float = MIN_HUE_SEPARATION) -> SubjectTracksXY:
     """Detect the two subjects and keep their identities: by colour cluster where the hues separate (missing frames
     interpolated), else by `track_two_subjects` on the connected components (missing frames coasted).
     SubjectsNotFound when no frame shows two subjects."""
     frames = _check_frames(frames_FHWC)
-    detections = detect_subjects(frames, threshold)
+    detections = detect_subjects(frames, threshold, min_hue_separation=min_hue_separation)
+    return _track(detections, frames.shape)[0]
+
+
+def track_subject_masks(frames_FHWC: np.ndarray, threshold: float = 40.0,
+                        min_hue_separation: float = MIN_HUE_SEPARATION) -> tuple[SubjectTracksXY, np.ndarray]:
+    """`track_subjects` plus (F, 2, H, W) bool: each tracked subject's detected pixels per frame (all False where it
+    was not detected), in the tracks' subject order. SubjectsNotFound when no frame shows two subjects."""
+    frames = _check_frames(frames_FHWC)
+    detections = detect_subjects(frames, threshold, min_hue_separation=min_hue_separation, with_masks=True)
+    tracks, indices_F2 = _track(detections, frames.shape)
+    masks_F2HW = np.zeros((len(frames), 2) + frames.shape[1:3], dtype=bool)
+    for f, d in enumerate(detections):
+        for s in range(2):
+            if indices_F2[f, s] >= 0:
+                masks_F2HW[f, s] = d.masks_NHW[indices_F2[f, s]]
+    return tracks, masks_F2HW
+
+
+def _track(detections: list[Detections], shape: tuple) -> tuple[SubjectTracksXY, np.ndarray]:
+    """The tracks and the (F, 2) detection index of each subject per frame (-1: not detected)."""
     n = len(detections)
     if all((d.colours_N >= 0).all() for d in detections):
         indices_F2 = _colour_identities(detections)
@@ -254,7 +292,7 @@ def track_subjects(frames_FHWC: np.ndarray, threshold: float = 40.0) -> SubjectT
             for s in range(2):
                 if indices_F2[f, s] >= 0:
                     centres_F22[f, s] = d.centres_N2[indices_F2[f, s]]
-    return SubjectTracksXY(boxes_F24, centres_F22, indices_F2 >= 0, int(frames.shape[1]), int(frames.shape[2]))
+    return SubjectTracksXY(boxes_F24, centres_F22, indices_F2 >= 0, int(shape[1]), int(shape[2])), indices_F2
 
 
 # ------------------------------------------------------------------------------------------ features
@@ -299,12 +337,14 @@ class RelationJudge:
     relations: names among `dr_train.data.synthetic.RELATIONS` (default: all 26).
     frames, size: frame count and (height, width) of the template renders (judged videos may have others).
     templates_per_relation, template_seed: which renders make the templates (render indices 0..n-1 at that seed).
-    steps: time samples of the feature; static_weight: weight of the layout term; threshold: foreground distance.
+    steps: time samples of the feature; static_weight: weight of the layout term; threshold: foreground distance;
+    min_hue_separation: degrees between the two hue clusters for colour identities (else connected components).
     """
 
     def __init__(self, relations: Sequence[str] | None = None, frames: int = 25, size: tuple[int, int] = (96, 160),
                  templates_per_relation: int = 6, template_seed: int = 1009, steps: int = 32,
-                 static_weight: float = 0.05, threshold: float = 40.0):
+                 static_weight: float = 0.05, threshold: float = 40.0,
+                 min_hue_separation: float = MIN_HUE_SEPARATION):
         names = list(RELATIONS) if relations is None else list(dict.fromkeys(relations))
         unknown = [r for r in names if r not in RELATIONS]
         if unknown:
@@ -318,12 +358,13 @@ class RelationJudge:
         self.steps = steps
         self.static_weight = static_weight
         self.threshold = threshold
+        self.min_hue_separation = min_hue_separation
         height, width = size
         motion, static, owner = [], [], []
         for relation in names:
             for index in range(templates_per_relation):
                 clip = render_clip(relation, index, frames, height, width, template_seed)
-                feat = subject_features(track_subjects(clip.frames, threshold), steps)
+                feat = subject_features(track_subjects(clip.frames, threshold, min_hue_separation), steps)
                 m, s = _split(mirror_features(feat) if clip.mirrored else feat)
                 motion.append(m)
                 static.append(s)
@@ -334,7 +375,7 @@ class RelationJudge:
 
     def features(self, frames_FHWC: np.ndarray) -> np.ndarray:
         """(steps, 2, 6) features of a video (SubjectsNotFound when two subjects cannot be found)."""
-        return subject_features(track_subjects(frames_FHWC, self.threshold), self.steps)
+        return subject_features(track_subjects(frames_FHWC, self.threshold, self.min_hue_separation), self.steps)
 
     def distances(self, feat_T26: np.ndarray) -> np.ndarray:
         """(K,) distance to every template: the smaller of the clip's and its mirror image's."""
