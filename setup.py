@@ -31,7 +31,8 @@ EXTRAS = {
     "distributed": ["deepspeed>=0.16,<0.20"],
     "ray": ["ray[train]>=2.40,<2.61"],
     "gpu": ["nvidia-ml-py>=12.0", "flash-attn>=2.6", "nvidia-dali-cuda120>=1.40"],
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    "wandb": ["wandb>=0.17"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "wandb>=0.17"],     # wandb: its offline mode is tested
 }
 EXTRAS["cpu"] = EXTRAS["kernels"] + EXTRAS["data"] + EXTRAS["distributed"] + EXTRAS["ray"] + ["nvidia-ml-py>=12.0"]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "datasets" / "relations.yaml"
+SYNTH_CATALOG = DEFAULT_CATALOG.parent / "synth_relations.yaml"      # written by dr_train.data.world
 _NAME = re.compile(r"[a-z0-9_]+")
 
 
@@ -46,6 +47,14 @@ def load_catalog(path: str | Path | None = None) -> dict[str, Relation]:
                                  eval_prompts=tuple(entry.get("eval_prompts", ())),
                                  videos=str(entry.get("videos", "")))
     return catalog
+
+
+def catalog_for(cfg) -> dict[str, Relation]:
+    """The catalog a training Config uses: `data.catalog`, else the synth world's for `model.preset: synth` (its
+    evaluation prompts name the world's kinds), else the repository's NTU catalog."""
+    if cfg.data.catalog:
+        return load_catalog(cfg.data.catalog)
+    return load_catalog(SYNTH_CATALOG if cfg.model.preset == "synth" else DEFAULT_CATALOG)
 
 
 def select_relations(spec: str | list[str], catalog: dict[str, Relation]) -> list[Relation]:

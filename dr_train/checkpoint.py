@@ -36,7 +36,8 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(folder: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
                     keep: int = 2) -> Path:
-    """Write `tensors[name]` as `<name>.safetensors` for each of TENSOR_FILES and `state` as state.json."""
+    """Write `tensors[name]` as `<name>.safetensors` for each name (the trainer's: TENSOR_FILES) and `state` as
+    state.json."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
     tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -44,7 +45,7 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, dict[str, torch.
         shutil.rmtree(tmp)
     tmp.mkdir()
     manifest = {}
-    for name in TENSOR_FILES:
+    for name in tensors:
         path = tmp / f"{name}.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors[name].items()}, str(path))
     (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
@@ -70,8 +71,10 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Verify every file against the manifest, then load. Any defect is a ValueError naming the file."""
+def load_checkpoint(path: Path, names: tuple[str, ...] = TENSOR_FILES
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Verify every file against the manifest, then load `<name>.safetensors` for each of `names` and state.json.
+    Any defect is a ValueError naming the file."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise ValueError(f"checkpoint {path} is incomplete: {manifest_path} is missing")
@@ -90,7 +93,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         if _sha256(file) != info["sha256"]:
             raise ValueError(f"checkpoint file {file} is corrupt: its sha256 does not match the manifest")
     tensors = {}
-    for name in TENSOR_FILES:
+    for name in names:
         file = path / f"{name}.safetensors"
         if file.name not in manifest:
             raise ValueError(f"checkpoint file {file} is not listed in {manifest_path}")

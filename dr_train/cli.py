@@ -8,6 +8,7 @@ import os
 import sys
 
 from dr_train.config import load_config
+from dr_train.runtime import quiet_library_noise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    quiet_library_noise()
     try:
         cfg = config_from_args(args)
     except ValueError as e:

@@ -107,10 +107,12 @@ class DataConfig:
                                    "into cache_dir) or the path of a dataset folder written by launch/prepare.py")
     catalog: str = opt("", "relation catalog YAML; empty means the repository's datasets/relations.yaml")
     cache_dir: str = opt(".cache/dr_train", "where synthetic datasets are generated (one folder per setting)")
-    videos_per_relation: int = opt(6, "synthetic: clips generated per relation")
-    latent_frames: int = opt(3, "synthetic: latent frames per clip (pixel frames = 6*(F-1)+1)")
-    latent_height: int = opt(8, "synthetic: latent height (pixels / 8)")
-    latent_width: int = opt(8, "synthetic: latent width (pixels / 8)")
+    videos_per_relation: int = opt(12, "synthetic: clips generated per relation (with the synth preset: the "
+                                       "world's person exemplars, one fixed set)")
+    latent_frames: int = opt(0, "synthetic: latent frames per clip (pixel frames = 6*(F-1)+1); 0 = the preset's "
+                                "native size (synth: 5, the 25-frame clips it was pretrained on; tiny: 3)")
+    latent_height: int = opt(0, "synthetic: latent height (pixels / 8); 0 = the preset's (8)")
+    latent_width: int = opt(0, "synthetic: latent width (pixels / 8); 0 = the preset's (8)")
     caption_dropout: float = opt(0.1, "probability of training a sample with an empty prompt")
     num_workers: int = opt(0, "DataLoader worker processes reading shards (0 reads in the training process)")
     resampled: bool = opt(False, "draw each epoch's shards with replacement instead of a permutation")
@@ -180,6 +182,33 @@ class TrainConfig:
     log_every: int = opt(1, "TensorBoard scalars every N steps (metrics.jsonl gets every step)")
     resume: bool = opt(False, "continue each relation from its latest checkpoint")
     export: bool = opt(True, "export the inference LoRA (export_adapters) when a relation finishes")
+    export_formats: list = opt(["diffusers", "comfyui"], "LoRA files the export writes: diffusers "
+                                                         "(pytorch_lora_weights.safetensors) and/or comfyui "
+                                                         "(<relation>_comfyui.safetensors for ComfyUI's models/loras/)")
+
+
+@dataclass
+class ValidationConfig:
+    """Videos sampled during training with the inference adapters (lora.export_adapters), written to
+    <output-dir>/<relation>/validation/ and TensorBoard; judged on the synth world. Training is not disturbed."""
+    every: int = opt(-1, "sample every N steps; 0 = off; -1 = auto (every 100 steps with the synth preset, off "
+                         "otherwise)")
+    prompts: list = opt([], "prompts to sample; empty = the relation's training prompt and its first two "
+                            "evaluation prompts")
+    seeds: list = opt([0], "sampling seeds of every prompt")
+    num_inference_steps: int = opt(32, "Euler sampler steps")
+    guidance_scale: float = opt(5.0, "classifier-free guidance scale")
+
+
+@dataclass
+class LogConfig:
+    """Optional experiment tracking beside metrics.jsonl and TensorBoard (always written)."""
+    wandb: bool = opt(False, "also send the scalars and validation videos to Weights & Biases (one run per "
+                             "relation); the API key comes from the environment (WANDB_API_KEY or `wandb login`) "
+                             "only, never from or into the config")
+    wandb_project: str = opt("dr-train", "W&B project")
+    wandb_entity: str = opt("", "W&B entity (team or user); empty = the key's default")
+    wandb_mode: str = opt("", "online, offline or disabled; empty = W&B's own default ($WANDB_MODE)")
 
 
 @dataclass
@@ -193,6 +222,8 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,7 +280,14 @@ def _apply(section: Any, values: dict, prefix: str) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at `path`, then `key.sub=value` overrides (values parsed as YAML)."""
-    cfg = Config()
+    cfg = load_sections(Config(), path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def load_sections(cfg, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Fill `cfg` (a dataclass of section dataclasses, defaults in place) from the YAML file at `path`, then
+    `key.sub=value` overrides; returns it. Unknown options and ill-typed values are ValueErrors naming them."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -270,7 +308,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for part in reversed(parts):
             nested = {part: nested}
         _apply(cfg, nested, "")
-    validate(cfg)
     return cfg
 
 
@@ -317,6 +354,16 @@ def validate(cfg: Config) -> None:
         raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
     if d.engine == "torch" and (d.zero_stage or d.offload_optimizer or d.offload_params):
         raise ValueError("distributed.engine torch cannot shard or offload: use deepspeed (or auto)")
+    formats = cfg.train.export_formats
+    if not formats or any(f not in ("diffusers", "comfyui") for f in formats):
+        raise ValueError(f"train.export_formats must be a non-empty list of diffusers, comfyui; got {formats!r}")
+    if cfg.log.wandb_mode not in ("", "online", "offline", "disabled"):
+        raise ValueError(f"log.wandb_mode must be online, offline, disabled or empty, got {cfg.log.wandb_mode!r}")
+    v = cfg.validation
+    if v.every < -1 or v.num_inference_steps < 1 or v.guidance_scale < 0 or not v.seeds:
+        raise ValueError(f"validation.every must be >= -1, validation.num_inference_steps >= 1, "
+                         f"validation.guidance_scale >= 0 and validation.seeds non-empty; got {v.every}, "
+                         f"{v.num_inference_steps}, {v.guidance_scale}, {v.seeds}")
     if cfg.data.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     pr = cfg.prepare
@@ -337,11 +384,14 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"prepare.mask_colours must be two RGB triples, got {pr.mask_colours!r}")
 
 
-def dump_commented_yaml(cfg: Config | None = None) -> str:
-    """The config as YAML with each option's documentation as a comment above it."""
+TRAIN_HEADER = ("DreamRelation training configuration. Generated from dr_train/config.py (the documentation lives",
+                "there); override any option on the command line with --set section.option=value.")
+
+
+def dump_commented_yaml(cfg=None, header: tuple[str, ...] = TRAIN_HEADER) -> str:
+    """The config (default: the training Config) as YAML with each option's documentation as a comment above it."""
     cfg = cfg or Config()
-    lines = ["# DreamRelation training configuration. Generated from dr_train/config.py (the documentation lives",
-             "# there); override any option on the command line with --set section.option=value.", ""]
+    lines = [f"# {line}" for line in header] + [""]
     for sec in dataclasses.fields(cfg):
         section = getattr(cfg, sec.name)
         lines.extend(f"# {line.strip()}" for line in type(section).__doc__.strip().splitlines())

@@ -43,6 +43,7 @@ BASE = "_base"
 INDEX = "index.json"
 SAMPLER = "FlowMatchEulerDiscreteScheduler (Mochi's Euler flow-matching sampler)"
 PAPER_CLIP = (61, 480, 848)        # frames, height, width of the paper's videos
+PRESET_CLIP = {"synth": (25, 64, 64)}  # the clips the synth base was pretrained on
 
 
 # ------------------------------------------------------------------------------------------ the training run
@@ -149,6 +150,19 @@ class SamplerSettings:
         return self
 
 
+# the sampler a preset is used with when none is given: steps, guidance scale, videos per batch (the paper's 64 Euler
+# steps at CFG 6.0 one at a time for Mochi-1; the synth base's checks use 32 at CFG 5.0, 8 at a time)
+PRESET_SAMPLER = {"synth": (32, 5.0, 8)}
+PAPER_SAMPLER = (64, 6.0, 1)
+
+
+def sampler_defaults(preset: str, steps: int | None, guidance_scale: float | None,
+                     batch_size: int | None) -> tuple[int, float, int]:
+    d = PRESET_SAMPLER.get(preset, PAPER_SAMPLER)
+    return (d[0] if steps is None else steps, d[1] if guidance_scale is None else guidance_scale,
+            d[2] if batch_size is None else batch_size)
+
+
 def load_pipeline(preset: str, device: str | None = None, vae_tiling: bool = False, progress_bar: bool = True):
     """(MochiComponents, MochiPipeline on `device`) for `preset` ('tiny' or a local Mochi-1 folder)."""
     comps = load_mochi(preset)
@@ -162,11 +176,20 @@ def load_pipeline(preset: str, device: str | None = None, vae_tiling: bool = Fal
 
 def sample_video(pipe, comps, prompt: str, settings: SamplerSettings, seed: int) -> np.ndarray:
     """uint8 (F, H, W, 3) frames of one video; the initial noise comes from a CPU generator seeded with `seed`."""
-    out = pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+    return sample_videos(pipe, comps.max_text_tokens, [prompt], settings, [seed])[0]
+
+
+def sample_videos(pipe, max_text_tokens: int, prompts: Sequence[str], settings: SamplerSettings,
+                  seeds: Sequence[int]) -> np.ndarray:
+    """uint8 (B, F, H, W, 3): one video per (prompt, seed), sampled as one batch; each video's initial noise comes
+    from its own CPU generator, so it is the video `sample_video` gives for that prompt and seed."""
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError(f"sample_videos needs one seed per prompt, got {len(prompts)} prompts, {len(seeds)} seeds")
+    out = pipe(list(prompts), num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                num_frames=settings.num_frames, height=settings.height, width=settings.width,
-               max_sequence_length=comps.max_text_tokens, output_type="np",
-               generator=torch.Generator(device="cpu").manual_seed(int(seed)))
-    frames = np.asarray(out.frames[0])
+               max_sequence_length=max_text_tokens, output_type="np",
+               generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds])
+    frames = np.asarray(out.frames)
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
@@ -285,7 +308,8 @@ def generate_group(out: str, preset: str, settings: SamplerSettings, lora: str |
 
 def base_model_name(preset: str) -> str:
     """How generation.json names the base model (as `load_mochi` does)."""
-    return "tiny" if preset == "tiny" else str(Path(preset))
+    from dr_train.model.loading import PRESETS
+    return preset if preset in PRESETS else str(Path(preset))
 
 
 def _adapter_name(relation: str) -> str:
@@ -295,8 +319,8 @@ def _adapter_name(relation: str) -> str:
 class _Generator:
     """Runs groups of items in this process on one pipeline, loading and deleting each group's LoRA."""
 
-    def __init__(self, preset: str, vae_tiling: bool):
-        self.preset, self.vae_tiling = preset, vae_tiling
+    def __init__(self, preset: str, vae_tiling: bool, batch_size: int = 1):
+        self.preset, self.vae_tiling, self.batch_size = preset, vae_tiling, batch_size
         self.comps = self.pipe = None
 
     def run(self, out: Path, settings: SamplerSettings, lora: str | None, items: list[GenerationItem],
@@ -314,12 +338,15 @@ class _Generator:
         if lora is not None:
             self.pipe.load_lora_weights(lora, adapter_name=name)
         try:
-            for item in pending:
+            for start in range(0, len(pending), self.batch_size):
+                chunk = pending[start:start + self.batch_size]
                 started = time.perf_counter()
-                frames = sample_video(self.pipe, self.comps, item.prompt, settings, item.seed)
-                _write_item(out, item, item.request(base_model, settings), frames, time.perf_counter() - started,
-                            str(self.pipe.device))
-                progress(item)
+                videos = sample_videos(self.pipe, self.comps.max_text_tokens, [i.prompt for i in chunk], settings,
+                                       [i.seed for i in chunk])
+                seconds = (time.perf_counter() - started) / len(chunk)
+                for item, frames in zip(chunk, videos):
+                    _write_item(out, item, item.request(base_model, settings), frames, seconds, str(self.pipe.device))
+                    progress(item)
         finally:
             if lora is not None:
                 self.pipe.delete_adapters(name)
@@ -361,22 +388,25 @@ def _run_with_ray(out: Path, preset: str, settings: SamplerSettings, groups: dic
 
 def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
                    prompts: str | Sequence[str] = "eval", seeds: Sequence[int] = (0,), preset: str | None = None,
-                   steps: int = 64, guidance_scale: float = 6.0, num_frames: int | None = None,
+                   steps: int | None = None, guidance_scale: float | None = None, num_frames: int | None = None,
                    height: int | None = None, width: int | None = None, fps: int = 30, include_base: bool = True,
                    out_dir: str | Path | None = None, num_prompts: int | None = None, use_ray: bool = False,
-                   vae_tiling: bool = False, progress: bool = True, include_lora: bool = True) -> dict:
+                   vae_tiling: bool = False, progress: bool = True, include_lora: bool = True,
+                   batch_size: int | None = None) -> dict:
     """Generate a run's evaluation videos (see the module docstring for the layout) and write `<out>/index.json`.
 
     relations: names of finished relations of the run (default: all of them). prompts: "eval", "train" or a list
     (see `relation_prompts`), the first `num_prompts` of them. preset: the base model (default: the one the run
-    trained on). num_frames / height / width: default to the run's training clip size (61 x 480 x 848 when its
-    dataset manifest is not found). use_ray: with Ray and GPUs, one task per relation on its own GPU; otherwise
+    trained on). steps / guidance_scale / batch_size: default to the preset's sampler (synth: 32 steps, CFG 5.0, 8
+    videos at a time; otherwise the paper's 64 steps, CFG 6.0, one at a time). num_frames / height / width: default
+    to the run's training clip size (61 x 480 x 848 when its dataset manifest is not found). use_ray: with Ray and GPUs, one task per relation on its own GPU; otherwise
     (and on CPU) the groups run one after another in this process. include_lora=False makes only the base model's
-    videos. Returns the index (with `generated` and `skipped` counts of this call).
+    videos. batch_size: videos sampled together (each from its own seeded noise; more is faster where memory
+    allows). Returns the index (with `generated` and `skipped` counts of this call).
     """
     from tqdm.auto import tqdm
 
-    from dr_train.catalog import load_catalog
+    from dr_train.catalog import catalog_for
 
     if not (include_lora or include_base):
         raise ValueError("nothing to generate: include_lora and include_base are both off")
@@ -389,6 +419,9 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
             raise ValueError(f"the relations of {run_dir} were trained on different models {sorted(presets)}; "
                              f"pass preset")
         preset = presets.pop()
+    steps, guidance_scale, batch_size = sampler_defaults(preset, steps, guidance_scale, batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     first_cfg = next(iter(configs.values()))
     size = training_clip_size(first_cfg) or PAPER_CLIP
     settings = SamplerSettings(steps, guidance_scale, num_frames or size[0], height or size[1], width or size[2],
@@ -401,7 +434,7 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
     for name, folder in chosen.items():
         if name == BASE:
             raise ValueError(f"a relation named {BASE!r} ({folder}) would share the base model's video folder")
-        catalog = load_catalog(configs[name].data.catalog or None)
+        catalog = catalog_for(configs[name])
         if name not in catalog:
             raise ValueError(f"relation {name!r} of {run_dir} is not in its catalog "
                              f"{configs[name].data.catalog or 'datasets/relations.yaml'}")
@@ -427,7 +460,7 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
         else:
             if use_ray:
                 log.warning("no GPU in the Ray cluster: generating in this process, one relation after another")
-            runner = _Generator(preset, vae_tiling)
+            runner = _Generator(preset, vae_tiling, batch_size)
             made = sum(runner.run(out, settings, lora, group, lambda _: bar.update(1))
                        for lora, group in groups.items())
     finally:
@@ -499,8 +532,10 @@ def add_batch_args(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> N
                                                      "prompt) or a text file with one prompt per line")
     p.add_argument("--num-prompts", type=int, help="only the first N prompts of each relation")
     p.add_argument("--seeds", type=_seeds, default=[0], help="comma list of seeds (default 0)")
-    p.add_argument(steps_flag, dest="steps", type=int, default=64, help="Euler sampler steps (default 64)")
-    p.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance scale (default 6.0)")
+    p.add_argument(steps_flag, dest="steps", type=int, default=None,
+                   help="Euler sampler steps (default: 64, the paper's; 32 for the synth preset)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: 6.0, the paper's; 5.0 for the synth preset)")
     p.add_argument("--num-frames", type=int, help="frames, 1 + 6k (default: the run's training clip length; "
                                                   "61 with --prompt)")
     p.add_argument("--height", type=int, help="default: the run's training clip height (480 with --prompt)")
@@ -510,13 +545,15 @@ def add_batch_args(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> N
                                     "with --prompt)")
     p.add_argument("--ray", action="store_true", help="one Ray task per relation on its own GPU (needs GPUs)")
     p.add_argument("--vae-tiling", action="store_true", help="decode with the VAE's tiling (less GPU memory)")
+    p.add_argument("--batch-size", type=int, default=None, help="videos sampled together (default 1; 8 for the "
+                                                                "synth preset; more is faster where memory allows)")
 
 
 def batch_kwargs(a: argparse.Namespace) -> dict:
     """`generate_batch` keyword arguments from the options of `add_batch_args`."""
     return {"prompts": _prompt_spec(a.prompts), "num_prompts": a.num_prompts, "seeds": a.seeds, "preset": a.preset,
             "steps": a.steps, "guidance_scale": a.guidance_scale, "num_frames": a.num_frames, "height": a.height,
-            "width": a.width, "fps": a.fps, "use_ray": a.ray, "vae_tiling": a.vae_tiling}
+            "width": a.width, "fps": a.fps, "use_ray": a.ray, "vae_tiling": a.vae_tiling, "batch_size": a.batch_size}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -536,14 +573,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from dr_train.runtime import quiet_library_noise
+
+    quiet_library_noise()
     if (a.prompt is None) == (a.run is None):
         print("error: give either --prompt (one video) or --run (a training run's evaluation set)", file=sys.stderr)
         return 2
     try:
         if a.prompt is not None:
-            c = SamplerSettings(a.steps, a.guidance_scale, a.num_frames or PAPER_CLIP[0], a.height or PAPER_CLIP[1],
-                                a.width or PAPER_CLIP[2], a.fps).check()
-            meta = generate(a.prompt, Path(a.output_dir or "runs/generate"), a.lora, a.preset or "tiny", c.steps,
+            from dr_train.config import ModelConfig
+
+            preset = a.preset or ModelConfig().preset
+            steps, guidance, _ = sampler_defaults(preset, a.steps, a.guidance_scale, 1)
+            clip = PRESET_CLIP.get(preset, PAPER_CLIP)
+            c = SamplerSettings(steps, guidance, a.num_frames or clip[0], a.height or clip[1], a.width or clip[2],
+                                a.fps).check()
+            meta = generate(a.prompt, Path(a.output_dir or "runs/generate"), a.lora, preset, c.steps,
                             c.guidance_scale, c.num_frames, c.height, c.width, a.seed, c.fps)
             print(json.dumps(meta, indent=1))
             return 0

@@ -21,7 +21,11 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
     rows = read_metrics(metrics_path)
     if not rows:
         raise ValueError(f"{metrics_path} holds no steps to plot")
-    fig, (ax_rec, ax_rcl) = plt.subplots(1, 2, figsize=(10, 3.5))
+    validation = {key: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                  for key in ("validation_relation_accuracy", "validation_subject_fidelity")}
+    panels = 3 if any(validation.values()) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5))
+    ax_rec, ax_rcl = axes[0], axes[1]
     colours = {"relation": "tab:red", "subject1": "tab:blue", "subject2": "tab:green", "all": "tab:gray"}
     for sel, colour in colours.items():
         pts = [(r["step"], r["loss_rec"]) for r in rows if r["selection"] == sel]
@@ -39,6 +43,12 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
     if rcl:
         ax_rcl.plot(*zip(*rcl), color="tab:purple", lw=1)
     ax_rcl.set(xlabel="step", ylabel="relational contrastive loss")
+    if panels == 3:
+        for (key, pts), colour in zip(validation.items(), ("tab:red", "tab:green")):
+            if pts:
+                axes[2].plot(*zip(*pts), marker="o", color=colour, label=key.removeprefix("validation_"))
+        axes[2].set(xlabel="step", ylabel="validation (judged videos)", ylim=(-0.02, 1.02))
+        axes[2].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)

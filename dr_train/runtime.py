@@ -27,3 +27,32 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+# Library messages that say nothing to our user (each seen in our own runs; a real warning still gets through):
+LIBRARY_NOISE = (
+    r".*CPU Autocast only supports dtypes of torch\.bfloat16.*",      # diffusers' Mochi RoPE asks for fp32 on CPU
+    r".*In CPU autocast, but the target dtype is not supported.*",
+    r".*Already found a `peft_config` attribute.*",                   # several named adapters are the point
+    r".*The passed generator was created on 'cpu'.*",
+    r".*torch\.utils\._pytree\._register_pytree_node is deprecated.*",
+)
+
+
+def quiet_library_noise() -> None:
+    """Keep the library warnings in LIBRARY_NOISE off the console (entry points call this once)."""
+    import logging
+    import warnings
+
+    for pattern in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("diffusers", "transformers", "peft"):
+        logging.getLogger(name).addFilter(_NoiseFilter())
+
+
+class _NoiseFilter:
+    def filter(self, record) -> bool:
+        import re
+
+        message = record.getMessage()
+        return not any(re.match(pattern, message, re.DOTALL) for pattern in LIBRARY_NOISE)

@@ -8,19 +8,21 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dr_train import checkpoint as ckpt
-from dr_train.catalog import Relation, load_catalog, select_relations
+from dr_train.catalog import Relation, catalog_for, select_relations
 from dr_train.config import Config
 from dr_train.distributed import Dist, build_engine, init_distributed, make_optimizer, shutdown, uses_deepspeed
 from dr_train.data.loader import ShardStream
+from dr_train.data.shards import load_manifest
 from dr_train.data.sources import check_dataset_matches_model, resolve_dataset
 from dr_train.hmt import HybridMaskTraining
+from dr_train.export import export_lora, training_card, validation_keyframes
 from dr_train.lora import (adapter_names, adapter_parameters, adapter_state_dict, add_relation_lora_triplet,
-                           export_inference_lora, load_adapter_state_dict, lora_named_parameters,
-                           resolve_placement, set_active_adapters)
+                           load_adapter_state_dict, lora_named_parameters, resolve_placement, set_active_adapters)
 import kernels
 from dr_train.losses import noisy_latents, official_relational_contrastive_loss, relational_contrastive_loss
 from dr_train.memory_bank import MemoryBank, OfficialMemoryBank
@@ -201,8 +203,6 @@ class RelationRun:
         accum = len(parts)
         rcl = [p["loss_rcl"] for p in parts if p["loss_rcl"] is not None]
         skipped = next((p["rcl_skipped"] for p in parts if p["rcl_skipped"]), None)
-        if skipped and self.dist.is_main:
-            log.info("%s step %d: relational contrastive loss skipped: %s", self.relation.name, self.step, skipped)
         return {
             "step": self.step, "selection": selection, "adapters_updated": updated,
             "loss": sum(p["loss"] for p in parts) / accum, "loss_rec": sum(p["loss_rec"] for p in parts) / accum,
@@ -323,6 +323,18 @@ class RelationRun:
         self.transformer.delete_adapters(self.adapters)
 
 
+def _final_losses(metrics_path: Path, last: int = 20) -> dict:
+    """Mean of each loss over the relation's last `last` logged steps (what the end-of-run table shows)."""
+    from dr_train.plots import read_metrics
+
+    rows = read_metrics(metrics_path)[-last:]
+    out = {}
+    for key in ("loss", "loss_rec", "loss_rcl"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
 def _metric_step(line: str) -> float:
     """The step of a metrics.jsonl line; a torn line (a crash mid-write) sorts after every step, so it is dropped."""
     try:
@@ -358,17 +370,32 @@ def _prepare_output(run: RelationRun, resume: bool) -> None:
     run.dist.barrier()
 
 
+VALIDATION_SCALARS = ("validation_relation_accuracy", "validation_subject_fidelity", "validation_seconds")
+
+
 class _MainOnly:
     """The per-relation outputs people read (metrics.jsonl, TensorBoard, progress bar): rank 0 writes them."""
 
-    def __init__(self, run: RelationRun, cfg: Config):
-        self.run, self.cfg, self.main = run, cfg, run.dist.is_main
+    def __init__(self, run: RelationRun, cfg: Config, position: tuple[int, int] = (1, 1), overall=None):
+        self.run, self.cfg, self.main, self.overall = run, cfg, run.dist.is_main, overall
         self.writer = _tensorboard(run.out_dir) if self.main else None
+        self.wandb = None
+        if self.main and cfg.log.wandb:
+            from dr_train.experiment import WandbRun
+
+            self.wandb = WandbRun(cfg, run.relation.name, run.out_dir)
         self.metrics = run.metrics_path.open("a") if self.main else None
-        self.bar = tqdm(total=cfg.train.max_steps, initial=run.step, desc=run.relation.name, unit="step",
-                        dynamic_ncols=True, disable=not self.main)
+        i, n = position
+        self.bar = tqdm(total=cfg.train.max_steps, initial=run.step, unit="step", dynamic_ncols=True, leave=n == 1,
+                        desc=run.relation.name if n == 1 else f"[{i}/{n}] {run.relation.name}",
+                        position=1 if n > 1 else None, disable=not self.main)
+        self.rcl_skipped, self.rcl_reason, self.steps = 0, None, 0
 
     def record(self, record: dict) -> None:
+        self.steps += 1
+        if record["rcl_skipped"]:
+            self.rcl_skipped += 1
+            self.rcl_reason = self.rcl_reason or record["rcl_skipped"]
         if not self.main:
             return
         self.metrics.write(json.dumps(record) + "\n")
@@ -377,8 +404,38 @@ class _MainOnly:
             for key in ("loss", "loss_rec", "loss_rcl", "lr", "grad_norm"):
                 if record[key] is not None:
                     self.writer.add_scalar(f"{self.run.relation.name}/{key}", record[key], record["step"])
+        if self.writer is not None:
+            for key in VALIDATION_SCALARS:
+                if record.get(key) is not None:
+                    self.writer.add_scalar(f"{self.run.relation.name}/{key}", record[key], record["step"])
+        if self.wandb is not None:
+            self.wandb.scalars({k: record.get(k) for k in ("loss", "loss_rec", "loss_rcl", "lr", "grad_norm",
+                                                            *VALIDATION_SCALARS)}, record["step"])
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", sel=record["selection"])
         self.bar.update(1)
+        if self.overall is not None:
+            self.overall.update(1)
+
+    def videos(self, items: list[dict], step: int) -> None:
+        """A validation round's keyframes (TensorBoard images) and videos (W&B)."""
+        if not self.main:
+            return
+        name = self.run.relation.name
+        if self.writer is not None:
+            from PIL import Image
+
+            for item in items:
+                image = np.asarray(Image.open(item["keyframes"]).convert("RGB"))
+                self.writer.add_image(f"{name}/validation/{item['index']:02d}_s{item['seed']}", image, step,
+                                      dataformats="HWC")
+        if self.wandb is not None:
+            self.wandb.validation(name, items, step)
+
+    def summary(self) -> None:
+        """What a person wants once per relation, not once per step."""
+        if self.main and self.rcl_skipped:
+            log.info("%s: relational contrastive loss skipped in %d of %d steps (%s)", self.run.relation.name,
+                     self.rcl_skipped, self.steps, self.rcl_reason)
 
     def close(self) -> None:
         self.bar.close()
@@ -386,28 +443,51 @@ class _MainOnly:
             self.metrics.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, dist: Dist, dataset: Path) -> dict:
+def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, dist: Dist, dataset: Path,
+                   validator=None, position: tuple[int, int] = (1, 1), overall=None) -> dict:
+    """Train one relation (resuming per train.resume), validate every validation.every steps, export; `position`
+    (i, n) is its place in the launch and `overall` the launch's progress bar (steps of every relation)."""
+    from dr_train.validation import resolve_every
+
     out_dir = Path(cfg.train.output_dir) / relation.name
     run = RelationRun(cfg, comps, relation, out_dir, dist, dataset)
+    every = resolve_every(cfg) if validator is not None else 0
     try:
         _prepare_output(run, cfg.train.resume)
         if dist.is_main:
             (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         started = time.perf_counter()
-        outputs = _MainOnly(run, cfg)
+        outputs = _MainOnly(run, cfg, position, overall)
+        if overall is not None:
+            overall.set_description(f"relation {position[0]}/{position[1]}")
+        validation_seconds, last = 0.0, {}
         try:
             while run.step < cfg.train.max_steps:
-                outputs.record(run.train_step())
+                record = run.train_step()
+                if every and (run.step % every == 0 or run.step == cfg.train.max_steps):
+                    scalars, videos = validator.run(run, run.step)
+                    record |= scalars
+                    outputs.videos(videos, run.step)
+                    validation_seconds += record["validation_seconds"]
+                    last = {k: record[k] for k in VALIDATION_SCALARS if record.get(k) is not None}
+                outputs.record(record)
                 if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.max_steps:
                     run.save()
         finally:
             outputs.close()
+            outputs.summary()
+        wall = time.perf_counter() - started
+        if validation_seconds and dist.is_main:
+            log.info("%s: validation took %.1f s, %.1f %% of the relation's training time", relation.name,
+                     validation_seconds, 100.0 * validation_seconds / max(wall, 1e-9))
         params = run._all_trainable()
-        result = {"relation": relation.name, "steps": run.step, "status": "finished",
-                  "wall_seconds": time.perf_counter() - started, "checkpoint": str(run.last_checkpoint),
-                  "world_size": dist.world_size}
+        result = {"relation": relation.name, "steps": run.step, "status": "finished", "wall_seconds": wall,
+                  "checkpoint": str(run.last_checkpoint), "world_size": dist.world_size,
+                  "final": _final_losses(run.metrics_path) if dist.is_main else {}, **last}
         # a placement without some of the export adapters (w/o relation, w/o FFN) exports the ones it has
         exported = [a for a in cfg.lora.export_adapters if a in run.adapters]
         if cfg.train.export and not exported and dist.is_main:
@@ -415,10 +495,13 @@ def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, dist
                         relation.name, cfg.lora.export_adapters)
         with run._engine().gathered(params):
             if dist.is_main and cfg.train.export and exported:
-                result["lora"] = str(export_inference_lora(
-                    comps.transformer, out_dir / "lora", exported,
+                paths = export_lora(
+                    comps.transformer, out_dir / "lora", exported, formats=cfg.train.export_formats,
                     metadata={"relation": relation.name, "prompt": relation.prompt, "base_model": comps.source,
-                              "steps": run.step, **run._identity()["lora"]}))
+                              "steps": run.step, **run._identity()["lora"]},
+                    card=training_card(cfg.to_dict(), validation_keyframes(out_dir, run.step)))
+                result["lora"] = str(paths.get("diffusers", paths.get("comfyui")))
+                result["lora_files"] = {k: str(v) for k, v in paths.items()}
         if dist.is_main:
             plot_loss_curve(run.metrics_path, out_dir / "loss_curve.png", title=relation.name)
             (out_dir / "DONE.json").write_text(json.dumps(result, indent=1))
@@ -456,7 +539,7 @@ def train(cfg: Config) -> list[dict]:
     """Train every selected relation one after another on one loaded backbone, on every rank of this launch.
     A finished relation (DONE.json) is skipped unless --resume asks it for more steps than it had: then it continues
     from its last checkpoint. A re-run after a crash continues where it stopped."""
-    catalog = load_catalog(cfg.data.catalog or None)
+    catalog = catalog_for(cfg)
     relations = select_relations(cfg.train.relations, catalog)
     d = cfg.distributed
     dist = init_distributed(d.backend, uses_deepspeed(d.engine, d.zero_stage, d.offload_optimizer, d.offload_params),
@@ -473,11 +556,26 @@ def train(cfg: Config) -> list[dict]:
             dist.barrier()
             if not dist.is_main:
                 dataset = resolve_dataset(cfg, pending)
+        from dr_train.validation import Validator, resolve_every
+
+        validate = bool(pending) and resolve_every(cfg) > 0
         comps = load_mochi(cfg.model.preset, cfg.model.dtype, cfg.model.attention_backend,
-                           cfg.model.gradient_checkpointing, cfg.model.max_text_tokens, parts=("transformer",))
+                           cfg.model.gradient_checkpointing, cfg.model.max_text_tokens,
+                           parts=("transformer", "vae", "text_encoder") if validate else ("transformer",))
+        validator = None
         if dataset is not None:
             check_dataset_matches_model(dataset, comps.transformer)
+            if validate:
+                video = load_manifest(dataset)["video"]
+                validator = Validator(cfg, comps, (video["frames"], video["height"], video["width"]), dist)
         results = []
+        position = 0
+        overall = None
+        if dist.is_main and len(pending) > 1:
+            remaining = sum(cfg.train.max_steps - min(records.latest_checkpoint_step(
+                Path(cfg.train.output_dir) / r.name), cfg.train.max_steps) for r in pending)
+            overall = tqdm(total=remaining, desc=f"relation 1/{len(pending)}", unit="step", position=0,
+                           dynamic_ncols=True)
         for relation in relations:
             done = Path(cfg.train.output_dir) / relation.name / "DONE.json"
             if plan[relation.name] == "skip":
@@ -498,7 +596,29 @@ def train(cfg: Config) -> list[dict]:
                              json.loads(done.read_text())["steps"], cfg.train.max_steps)
                     done.unlink()                  # unfinished again until the new steps are done
                 dist.barrier()
-            results.append(train_relation(cfg, comps, relation, dist, dataset))
+            position += 1
+            results.append(train_relation(cfg, comps, relation, dist, dataset, validator,
+                                          (position, len(pending)), overall))
+        if overall is not None:
+            overall.close()
+        if dist.is_main and len(relations) > 1:
+            log.info("trained %d relation(s):\n%s", len(pending), summary_table(results))
         return results
     finally:
         shutdown(dist)
+
+
+def summary_table(results: list[dict]) -> str:
+    """One line per relation: steps, wall time, final losses, validation score where there is one, LoRA path."""
+    head = ["relation", "status", "steps", "wall", "loss", "loss_rec", "loss_rcl", "val. rel. acc.", "lora"]
+    rows = []
+    for r in results:
+        final = r.get("final") or {}
+        fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+        wall = r.get("wall_seconds")
+        rows.append([r["relation"], r["status"].split(" (")[0], str(r.get("steps", "—")),
+                     "—" if wall is None else f"{wall:.0f} s", fmt(final.get("loss")), fmt(final.get("loss_rec")),
+                     fmt(final.get("loss_rcl")), fmt(r.get("validation_relation_accuracy")), r.get("lora", "—")])
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([line.format(*head)] + [line.format(*row) for row in rows])

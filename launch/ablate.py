@@ -6,8 +6,12 @@ variants, and fill one table beside the paper's numbers:
     python launch/ablate.py --relations handshaking --variants full,w_o_rcl --steps 4 --num-prompts 2 \
         --gen-steps 4 --out /tmp/abl                                  # a quick look on the tiny preset
 
-Variants: full, w_o_hmt, w_o_rcl, w_o_relation, w_o_subject, w_o_ffn, relation_v, relation_q, relation_kv, direct
-(or all, table2, table3). Finished variants are skipped on a re-run. Details: docs/evaluation.md.
+    python launch/ablate.py --set model.preset=synth --relations handshaking,hugging,pushing,high_five,kicking,\
+        walking_towards,following,knocking_over --train-seeds 0,1,2 --out runs/ablations_synth     # the synth world
+
+Variants: full, w_o_hmt, w_o_rcl, w_o_relation, w_o_subject, w_o_ffn, relation_v, relation_q, relation_kv, direct,
+hmt_forward_all (or all, table1, table2, table3, hmt). Finished variants are skipped on a re-run. On the synth world
+`<out>/results.json` holds every variant's world metrics with 95 % bootstrap intervals. Details: docs/evaluation.md.
 """
 import argparse
 import logging
@@ -28,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="base training config YAML (variants override it)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.OPTION=VALUE",
                    help="training config override applied to every variant (repeatable)")
+    p.add_argument("--train-seeds", help="comma list of training seeds: every variant is trained once per seed "
+                                         "(<out>/<variant>/seed-<s>/), and results.json pools them (default: one "
+                                         "run per variant at train.seed)")
     p.add_argument("--no-base", action="store_true", help="skip the base model's reference row")
     add_batch_args(p, steps_flag="--gen-steps")
     add_eval_args(p)
@@ -37,17 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from dr_train.runtime import quiet_library_noise
+
+    quiet_library_noise()
     from dr_train.eval.ablations import run_ablations
     from dr_train.eval.evaluate import eval_kwargs
     from dr_train.generate import batch_kwargs
 
     try:
+        seeds = [int(x) for x in a.train_seeds.split(",") if x.strip()] if a.train_seeds else None
         result = run_ablations(a.out, [r.strip() for r in a.relations.split(",") if r.strip()], a.variants,
-                               a.train_steps, a.config, a.set, batch_kwargs(a), eval_kwargs(a), not a.no_base)
+                               a.train_steps, a.config, a.set, batch_kwargs(a), eval_kwargs(a), not a.no_base,
+                               train_seeds=seeds)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"table: {result['markdown']} and {result['csv']}")
+    if result["results"] is not None:
+        print(f"synth world results: {result['results']} ({result['results'].with_suffix('.md').name}, "
+              f"{result['results'].with_suffix('.png').name})")
     return 0
 
 

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from dr_train.runtime import quiet_library_noise
+
+    quiet_library_noise()
     from dr_train.eval.evaluate import eval_kwargs, evaluate_run
     from dr_train.eval.report import build_report
     from dr_train.generate import batch_kwargs, generate_batch

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common import append_csv, device_name, git_hash  # noqa: E402
-from dr_train.catalog import load_catalog  # noqa: E402
+from dr_train.catalog import catalog_for  # noqa: E402
 from dr_train.config import load_config  # noqa: E402
 from dr_train.data.sources import resolve_dataset  # noqa: E402
 from dr_train.distributed import Dist  # noqa: E402
@@ -38,7 +38,7 @@ def _flat(params: list[torch.nn.Parameter]) -> torch.Tensor:
 def drift(mode: str, steps: int, relation: str, overrides: list[str], work: Path) -> list[dict]:
     cfg = load_config(None, [f"train.output_dir={work / mode}", f"train.max_steps={steps}",
                              f"optim.frozen_adapters={mode}", *overrides])
-    rel = load_catalog(cfg.data.catalog or None)[relation]
+    rel = catalog_for(cfg)[relation]
     comps = load_mochi(cfg.model.preset, cfg.model.dtype, cfg.model.attention_backend,
                        max_text_tokens=cfg.model.max_text_tokens, parts=("transformer",))
     run = RelationRun(cfg, comps, rel, work / mode / relation, Dist(), resolve_dataset(cfg, [rel]))

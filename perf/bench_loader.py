@@ -87,7 +87,7 @@ def tiny_step_seconds(steps: int) -> float:
     from dr_train.trainer import RelationRun
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [f"data.cache_dir={tmp}/cache", f"train.output_dir={tmp}/runs"])
+        cfg = load_config(None, ["model.preset=tiny", f"data.cache_dir={tmp}/cache", f"train.output_dir={tmp}/runs"])
         relation = load_catalog()["handshaking"]
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         run = RelationRun(cfg, load_mochi("tiny"), relation, Path(tmp) / "r", Dist(device=device),

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.slots < 1:
         p.error("--slots must be >= 1")
     cfg = load_config(None, [f"train.relations={a.relations}", f"train.max_steps={a.max_steps}",
-                             f"train.checkpoint_every={a.checkpoint_every}", *a.set])
+                             f"train.checkpoint_every={a.checkpoint_every}", "model.preset=tiny", *a.set])
     work = a.work or Path(tempfile.mkdtemp(prefix="bench_ray_"))
     common = dict(address=a.address, num_cpus=a.num_cpus, cpus_per_relation=a.cpus_per_relation,
                   gpus_per_relation=a.gpus_per_relation, max_retries=0, live="off")
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
         connect(RayOptions(**common))
         if cfg.data.source == "synthetic":               # generate the data before anything is timed
-            from dr_train.catalog import load_catalog, select_relations
+            from dr_train.catalog import catalog_for, select_relations
             from dr_train.data.sources import resolve_dataset
 
             cfg.data.source = str(resolve_dataset(cfg, select_relations(cfg.train.relations,
-                                                                        load_catalog(cfg.data.catalog or None))))
+                                                                        catalog_for(cfg))))
         if not a.no_warmup:
             gpus = a.gpus_per_relation
             if gpus < 0:

@@ -453,7 +453,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
-        overrides = [f"train.output_dir={work / 'runs'}", "data.caption_dropout=0",
+        overrides = [f"train.output_dir={work / 'runs'}", "data.caption_dropout=0", "model.preset=tiny",
                      f"model.gradient_checkpointing={str(gc).lower()}", f"train.batch_size={args.batch_size}",
                      f"train.grad_accum={args.grad_accum}", f"train.max_steps={steps + args.warmup}"]
         try:
@@ -462,9 +462,11 @@ def main(argv=None) -> int:
             if mochi:
                 frames, height, width = args.frames or 61, args.height or 480, args.width or 848
             else:
-                d = cfg.data
-                frames = args.frames or 6 * (d.latent_frames - 1) + 1
-                height, width = args.height or 8 * d.latent_height, args.width or 8 * d.latent_width
+                from dr_train.data.sources import synthetic_latent_size
+
+                lf, lh, lw = synthetic_latent_size(cfg)
+                frames = args.frames or 6 * (lf - 1) + 1
+                height, width = args.height or 8 * lh, args.width or 8 * lw
             lat_f, lat_h, lat_w = latent_dims(frames, height, width)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

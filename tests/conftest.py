@@ -24,7 +24,8 @@ def small_config(tmp_path, **overrides):
     """A fast tiny-preset config for tests: overrides as 'section.option' -> value."""
     from dr_train.config import load_config
 
-    items = {"train.output_dir": str(tmp_path / "runs"), "train.max_steps": 8, "train.checkpoint_every": 4,
+    items = {"model.preset": "tiny", "train.output_dir": str(tmp_path / "runs"), "train.max_steps": 8,
+             "train.checkpoint_every": 4,
              "data.videos_per_relation": 6, "optim.warmup_steps": 2, "data.cache_dir": str(SYNTHETIC_CACHE)}
     items.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in items.items()])

@@ -72,3 +72,15 @@ def test_official_and_paper_configs_set_their_readings():
 def test_new_method_options_are_checked(option, value):
     with pytest.raises(ValueError, match=option.split(".")[1]):
         load_config(None, [f"{option}={value}"])
+
+
+def test_pretrain_recipe_yaml_is_generated_from_its_dataclasses():
+    from dr_train.config import dump_commented_yaml
+    from dr_train.pretrain.config import HEADER, PretrainConfig, load_pretrain_config
+
+    assert (REPO / "configs" / "pretrain_synth.yaml").read_text() == dump_commented_yaml(PretrainConfig(), HEADER)
+    assert load_pretrain_config(REPO / "configs" / "pretrain_synth.yaml") == PretrainConfig()
+    with pytest.raises(ValueError, match="vae.clip_frames"):
+        load_pretrain_config(None, ["vae.clip_frames=12"])
+    with pytest.raises(ValueError, match="unknown config option 'transformer.depth'"):
+        load_pretrain_config(None, ["transformer.depth=3"])

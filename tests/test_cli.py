@@ -10,7 +10,7 @@ def test_train_two_relations_from_the_command_line(tmp_path):
     out = tmp_path / "runs"
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--relations", "handshaking,hugging",
            "--output-dir", str(out), "--max-steps", "6", "--checkpoint-every", "3", "--seed", "1",
-           "--set", "data.videos_per_relation=5"]
+           "--set", "data.videos_per_relation=5", "--set", "model.preset=tiny"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, proc.stderr[-3000:]

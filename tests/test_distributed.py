@@ -32,7 +32,7 @@ def _train(cwd: Path, out: str, *args, ranks: int = 1, launcher: str = "torchrun
     else:
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(29600 + os.getpid() % 1000),
                script]
-    cmd += ["--output-dir", out, "--set", f"data.cache_dir={cwd / 'cache'}", *args]
+    cmd += ["--output-dir", out, "--set", f"data.cache_dir={cwd / 'cache'}", "--set", "model.preset=tiny", *args]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -110,6 +110,21 @@ def test_official_method_on_two_ranks_matches_one_rank(work, stage):
     _assert_same_run(work / "one_official" / "handshaking", work / f"official{stage}" / "handshaking")
 
 
+def test_validation_on_two_zero3_ranks_shares_the_prompts_and_leaves_training_untouched(work):
+    """3 prompts on 2 ZeRO-3 ranks (rank 1 repeats one to stay in step): every prompt once, made by both ranks,
+    and the run equals the 1-rank run without validation."""
+    _train(work, "val3", "--relations", "handshaking", *STEPS, "--set", "distributed.zero_stage=3", "--set",
+           "validation.every=2", "--set", "validation.num_inference_steps=2", ranks=2)
+    run = work / "val3" / "handshaking"
+    _assert_same_run(work / "one" / "handshaking", run)
+    for step in (2, 4):
+        index = json.loads((run / "validation" / f"step-{step:08d}" / "index.json").read_text())
+        assert [v["index"] for v in index["videos"]] == [0, 1, 2]
+        assert {v["rank"] for v in index["videos"]} == {0, 1}
+        folder = run / "validation" / f"step-{step:08d}"
+        assert all((folder / v["video"]).is_file() and (folder / v["keyframes"]).is_file() for v in index["videos"])
+
+
 def test_checkpoints_move_between_rank_counts(work):
     """A ZeRO-3 checkpoint of 2 ranks resumes on 1 rank, and a 1-rank checkpoint on 2 ZeRO-2 ranks."""
     if not (work / "zero3").exists():
@@ -132,6 +147,7 @@ def test_deepspeed_launch_of_two_relations_survives_a_kill(work):
     out = work / "ds"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 1000),
            str(REPO / "launch" / "train.py"), "--output-dir", "ds", "--set", f"data.cache_dir={work / 'cache'}",
+           "--set", "model.preset=tiny",
            *args]
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
                             start_new_session=True)

@@ -19,7 +19,7 @@ SIZE = {"steps": 2, "num_frames": 7, "height": 32, "width": 48}
 
 def make_fake_run(root, relations=RELATIONS):
     """A run folder as the trainer leaves it (config.json, DONE.json, lora/), with random adapter weights."""
-    cfg = load_config(None, [f"train.output_dir={root}", f"data.cache_dir={root / 'cache'}"])
+    cfg = load_config(None, ["model.preset=tiny", f"train.output_dir={root}", f"data.cache_dir={root / 'cache'}"])
     for k, name in enumerate(relations):
         transformer = add_relation_lora_triplet(tiny_transformer(), cfg.lora)
         gen = torch.Generator().manual_seed(100 + k)

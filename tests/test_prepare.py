@@ -20,7 +20,7 @@ from dr_train.data.synthetic import render_clip, write_synthetic_videos
 from dr_train.data.video import write_mp4
 from dr_train.masks import latent_masks
 
-SIZE = ["prepare.frames=7", "prepare.height=32", "prepare.width=48", "prepare.workers=0"]
+SIZE = ["model.preset=tiny", "prepare.frames=7", "prepare.height=32", "prepare.width=48", "prepare.workers=0"]
 
 
 @pytest.fixture(scope="module")

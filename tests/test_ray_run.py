@@ -24,7 +24,8 @@ ray = pytest.importorskip("ray")
 RELATIONS = ["handshaking", "hugging", "kicking", "pushing"]
 STEPS, EVERY = 40, 10
 TRAIN = ["--max-steps", str(STEPS), "--checkpoint-every", str(EVERY), "--deterministic",
-         "--set", f"data.cache_dir={SYNTHETIC_CACHE}", "--set", "data.videos_per_relation=6"]
+         "--set", f"data.cache_dir={SYNTHETIC_CACHE}", "--set", "data.videos_per_relation=6", "--set",
+         "model.preset=tiny"]
 
 
 @pytest.fixture(scope="module")

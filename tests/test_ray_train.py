@@ -25,13 +25,14 @@ def test_two_ranks_per_relation_under_torch_trainer(tmp_path):
     from dr_train.config import load_config
     from dr_train.data.sources import resolve_dataset
 
-    cfg = load_config(None, [f"data.cache_dir={SYNTHETIC_CACHE}", "data.videos_per_relation=6"])
+    cfg = load_config(None, ["model.preset=tiny", f"data.cache_dir={SYNTHETIC_CACHE}", "data.videos_per_relation=6"])
     dataset = resolve_dataset(cfg, [load_catalog()["handshaking"]])
     storage = tmp_path / "ranks"
     cmd = [sys.executable, str(REPO / "launch" / "ray_submit.py"), "--num-cpus", "2", "--storage", str(storage),
            "--relations", "handshaking,no_clips", "--workers-per-relation", "2", "--cpus-per-relation", "1",
            "--max-concurrent", "2", "--max-retries", "1", "--max-steps", "3", "--checkpoint-every", "2",
            "--deterministic", "--set", f"data.source={dataset}", "--set", "data.videos_per_relation=6",
+           "--set", "model.preset=tiny",
            "--set", f"data.catalog={broken_catalog(tmp_path / 'catalog.yaml', ['handshaking'])}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))

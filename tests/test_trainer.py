@@ -288,3 +288,57 @@ def test_extending_a_finished_run_equals_training_straight(tmp_path, caplog):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.loads((out / "DONE.json").read_text())["steps"] == 4
     assert train(longer)[0]["status"].startswith("skipped (finished at 4 steps)")
+
+
+def test_validation_leaves_training_untouched_and_writes_videos(tmp_path, caplog):
+    """Validation every 2 steps (inference adapters, 2 sampler steps): the same losses and weights as without it,
+    its videos and index on disk, its scalars in metrics.jsonl, and the skipped-RCL message once per relation."""
+    over = {"train.relations": "hugging", "train.deterministic": True, "train.max_steps": 4,
+            "validation.num_inference_steps": 2, "validation.seeds": [0, 1]}
+    train(small_config(tmp_path / "off", **over, **{"validation.every": 0}))
+    with caplog.at_level("INFO", logger="dr_train"):
+        train(small_config(tmp_path / "on", **over, **{"validation.every": 2}))
+    off = _metrics(tmp_path / "off" / "runs" / "hugging" / "metrics.jsonl")
+    on = _metrics(tmp_path / "on" / "runs" / "hugging" / "metrics.jsonl")
+    for a, b in zip(off, on):
+        for key in ("loss", "loss_rec", "loss_rcl", "selection", "lr", "videos", "grad_norm"):
+            assert a[key] == b[key], (a["step"], key)
+    wa = load_file(str(tmp_path / "off/runs/hugging/checkpoints/step-00000004/adapters.safetensors"))
+    wb = load_file(str(tmp_path / "on/runs/hugging/checkpoints/step-00000004/adapters.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["step"] for r in on if "validation_seconds" in r] == [2, 4]
+    assert all(r["validation_videos"] == 6 for r in on if "validation_seconds" in r)    # 3 prompts x 2 seeds
+    folder = tmp_path / "on" / "runs" / "hugging" / "validation" / "step-00000004"
+    index = json.loads((folder / "index.json").read_text())
+    assert [(v["index"], v["seed"]) for v in index["videos"]] == [(i, s) for i in range(3) for s in (0, 1)]
+    assert all((folder / f"{i:02d}_s{s}" / "video.mp4").is_file() for i in range(3) for s in (0, 1))
+    assert index["videos"][0]["prompt"] == "A person is hugging a person."
+    assert caplog.text.count("relational contrastive loss skipped") == 1
+    assert "validation took" in caplog.text
+
+
+def test_wandb_offline_run_gets_scalars_and_validation_but_never_the_key(tmp_path, monkeypatch):
+    import wandb
+
+    secret = "drtrain0secret0key0for0the0test0only0000"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    logged = []
+    original = wandb.Run.log
+    monkeypatch.setattr(wandb.Run, "log", lambda self, data, *a, **k: (logged.append((k.get("step"), dict(data))),
+                                                                          original(self, data, *a, **k))[1])
+    cfg = small_config(tmp_path, **{"train.relations": "hugging", "train.max_steps": 2, "log.wandb": True,
+                                    "log.wandb_mode": "offline", "validation.every": 2,
+                                    "validation.num_inference_steps": 2})
+    train(cfg)
+    out = tmp_path / "runs" / "hugging"
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    steps = {step for step, _ in logged}
+    assert steps == {1, 2}
+    keys = {k for _, data in logged for k in data}
+    assert {"loss", "loss_rec", "lr", "validation_seconds"} <= keys
+    assert any(k.startswith("hugging/validation/") and k.endswith("_video") for k in keys)
+    assert b"validation_seconds" in runs[0].read_bytes()                 # written by W&B itself, offline
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

@@ -61,28 +61,28 @@ def _relations(args, catalog) -> list[str] | None:
 
 
 def cmd_ingest(args) -> dict:
-    from dr_train.catalog import load_catalog
+    from dr_train.catalog import catalog_for
     from dr_train.data.prepare import discover_videos, prepare_dataset
     from dr_train.data.sources import make_encoder
 
     cfg = _config(args)
-    catalog = load_catalog(cfg.data.catalog or None)
+    catalog = catalog_for(cfg)
     jobs = discover_videos(args.inputs, catalog, cfg.prepare.layout, _relations(args, catalog), args.masks_root)
     return prepare_dataset(args.out, jobs, cfg.prepare, make_encoder(cfg))
 
 
 def cmd_synthetic(args) -> dict:
-    from dr_train.catalog import load_catalog
+    from dr_train.catalog import catalog_for
     from dr_train.data.prepare import discover_videos, prepare_dataset
-    from dr_train.data.sources import make_encoder
+    from dr_train.data.sources import make_encoder, synthetic_renderer
     from dr_train.data.synthetic import write_synthetic_videos
 
     cfg = _config(args)
-    catalog = load_catalog(cfg.data.catalog or None)
+    catalog = catalog_for(cfg)
     names = _relations(args, catalog) or list(catalog)
     p = cfg.prepare
     videos = write_synthetic_videos(args.out / "videos", names, args.count, p.frames, p.height, p.width,
-                                    fps=p.fps or 30.0, seed=args.seed)
+                                    fps=p.fps or 30.0, seed=args.seed, render=synthetic_renderer(cfg))
     p.masks, p.layout = "png", "folders"
     jobs = discover_videos([videos], catalog, "folders", names)
     return prepare_dataset(args.out, jobs, p, make_encoder(cfg))

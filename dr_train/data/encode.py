@@ -38,16 +38,21 @@ class ClipEncoder:
                 "text_tokens": int(self.max_text_tokens), "text_dim": int(self.text_encoder.config.d_model),
                 "latent_space": "normalised (x - latents_mean) * scaling_factor / latents_std"}
 
-    @torch.no_grad()
     def encode_video(self, frames_FHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (F, H, W, 3) -> (mean, logvar), float32 (C, F', H/8, W/8) in the normalised latent space."""
-        assert frames_FHWC.dtype == np.uint8 and frames_FHWC.ndim == 4 and frames_FHWC.shape[-1] == 3
-        x = torch.from_numpy(frames_FHWC).to(self.device).permute(3, 0, 1, 2)[None]
+        mean, logvar = self.encode_videos(frames_FHWC[None])
+        return mean[0], logvar[0]
+
+    @torch.no_grad()
+    def encode_videos(self, frames_BFHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, F, H, W, 3) -> (mean, logvar), float32 (B, C, F', H/8, W/8) in the normalised latent space."""
+        assert frames_BFHWC.dtype == np.uint8 and frames_BFHWC.ndim == 5 and frames_BFHWC.shape[-1] == 3
+        x = torch.from_numpy(frames_BFHWC).to(self.device).permute(0, 4, 1, 2, 3)
         dtype = next(self.vae.parameters()).dtype
         x = (x.to(dtype) / 127.5 - 1.0)
         dist = self.vae.encode(x).latent_dist
-        mean = dist.mean[0].double().cpu().numpy()
-        logvar = dist.logvar[0].double().cpu().numpy()
+        mean = dist.mean.double().cpu().numpy()
+        logvar = dist.logvar.double().cpu().numpy()
         mean_n = (mean - self.latents_mean) * self.scaling / self.latents_std
         logvar_n = logvar + 2.0 * np.log(self.scaling / self.latents_std)
         return mean_n.astype(np.float32), logvar_n.astype(np.float32)

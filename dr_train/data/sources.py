@@ -29,11 +29,37 @@ def make_encoder(cfg: Config, device: torch.device | str | None = None) -> ClipE
                        vae_tiling=cfg.prepare.vae_tiling)
 
 
+# clip size (latent frames, height, width) of the built-in synthetic data when data.latent_* are 0
+NATIVE_LATENT_SIZE = {"tiny": (3, 8, 8), "synth": (5, 8, 8)}
+WORLD_EXEMPLAR_SEED = 0          # the synth world's exemplars are one fixed set, whatever the training seed
+
+
+def synthetic_latent_size(cfg: Config) -> tuple[int, int, int]:
+    """data.latent_frames/height/width, each 0 meaning the preset's native size (synth: the 25 x 64 x 64 clips
+    its base was pretrained on; tiny and folders: 3 x 8 x 8)."""
+    d = cfg.data
+    native = NATIVE_LATENT_SIZE.get(cfg.model.preset, NATIVE_LATENT_SIZE["tiny"])
+    return (d.latent_frames or native[0], d.latent_height or native[1], d.latent_width or native[2])
+
+
+def synthetic_renderer(cfg: Config):
+    """What draws a synthetic clip: the synth world's `person` exemplars for the synth preset (one fixed set),
+    else the built-in relation renderer."""
+    if cfg.model.preset != "synth":
+        from dr_train.data.synthetic import render_clip
+        return render_clip
+    from dr_train.data import world
+
+    def exemplar(relation, index, frames, height, width, seed):
+        return world.exemplar_clip(relation, index, WORLD_EXEMPLAR_SEED, frames, height, width)
+    return exemplar
+
+
 def synthetic_prepare_config(cfg: Config):
     """The prepare settings of the synthetic dataset: clip size from data.latent_*, PNG masks, no resampling."""
-    d = cfg.data
+    frames, height, width = synthetic_latent_size(cfg)
     prep = copy.deepcopy(cfg.prepare)
-    prep.frames, prep.height, prep.width = 6 * (d.latent_frames - 1) + 1, 8 * d.latent_height, 8 * d.latent_width
+    prep.frames, prep.height, prep.width = 6 * (frames - 1) + 1, 8 * height, 8 * width
     prep.fps, prep.masks, prep.layout, prep.video_backend = 30.0, "png", "folders", "pyav"
     prep.strict, prep.workers = True, 0
     return prep
@@ -41,8 +67,9 @@ def synthetic_prepare_config(cfg: Config):
 
 def synthetic_dataset_dir(cfg: Config) -> Path:
     d = cfg.data
-    key = json.dumps([cfg.model.preset, cfg.model.max_text_tokens, d.videos_per_relation, d.latent_frames,
-                      d.latent_height, d.latent_width, cfg.train.seed, VERSION])
+    seed = WORLD_EXEMPLAR_SEED if cfg.model.preset == "synth" else cfg.train.seed
+    key = json.dumps([cfg.model.preset, cfg.model.max_text_tokens, d.videos_per_relation,
+                      *synthetic_latent_size(cfg), seed, VERSION])
     return Path(d.cache_dir) / f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -63,7 +90,8 @@ def ensure_synthetic_dataset(cfg: Config, relations: list[Relation]) -> Path:
     prep = synthetic_prepare_config(cfg)
     log.info("generating synthetic clips of %s into %s", ", ".join(missing), root)
     videos = write_synthetic_videos(root / "videos", missing, cfg.data.videos_per_relation, prep.frames,
-                                    prep.height, prep.width, fps=prep.fps, seed=cfg.train.seed)
+                                    prep.height, prep.width, fps=prep.fps, seed=cfg.train.seed,
+                                    render=synthetic_renderer(cfg))
     catalog = {r.name: r for r in relations}
     jobs = discover_videos([videos], catalog, "folders", relations=missing)
     prepare_dataset(root, jobs, prep, make_encoder(cfg, "cpu"))

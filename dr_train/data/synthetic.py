@@ -216,10 +216,10 @@ def render_clip(relation: str, index: int, frames: int = 13, height: int = 64, w
 
 
 def write_synthetic_videos(root: str | Path, relations: list[str], count: int, frames: int, height: int,
-                           width: int, fps: float = 30.0, seed: int = 0) -> Path:
-    """Write `count` clips per relation as `<root>/<relation>/<id>.mp4` + `<id>_masks/` + `<id>.json`.
-
-    Finished clips (their JSON written last) are kept on a re-run."""
+                           width: int, fps: float = 30.0, seed: int = 0, render=render_clip) -> Path:
+    """Write `count` clips per relation as `<root>/<relation>/<id>.mp4` + `<id>_masks/` + `<id>.json`, each made by
+    `render(relation, index, frames, height, width, seed)` (default `render_clip`; the synth world's exemplars for
+    the synth preset). Finished clips (their JSON written last) are kept on a re-run."""
     from dr_train.data.mask_import import save_mask_folder
     from dr_train.data.video import write_mp4
 
@@ -232,8 +232,9 @@ def write_synthetic_videos(root: str | Path, relations: list[str], count: int, f
             truth_path = folder / f"{relation}_{index:04d}.json"
             if truth_path.is_file():
                 continue
-            clip = render_clip(relation, index, frames, height, width, seed)
-            write_mp4(clip.frames, folder / f"{clip.video_id}.mp4", fps=fps)
-            save_mask_folder(folder / f"{clip.video_id}_masks", clip.masks)
+            clip = render(relation, index, frames, height, width, seed)
+            name = f"{relation}_{index:04d}"
+            write_mp4(clip.frames, folder / f"{name}.mp4", fps=fps)
+            save_mask_folder(folder / f"{name}_masks", clip.masks)
             truth_path.write_text(json.dumps(clip.truth()))
     return root

@@ -48,10 +48,9 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from dr_train.catalog import DEFAULT_CATALOG, load_catalog
+from dr_train.catalog import DEFAULT_CATALOG, SYNTH_CATALOG, load_catalog
 from dr_train.data.synthetic import DEFAULTS, PATTERNS, RELATIONS, pattern_tracks
 
-SYNTH_CATALOG = DEFAULT_CATALOG.parent / "synth_relations.yaml"
 WORLD_DEFAULTS = {**DEFAULTS, "lie1": 0.0, "away1": 0.0, "away2": 0.0}
 _ARM_THICKNESS = 0.3          # half-thickness of an arm bar, in clip radii (synthetic: 0.28)
 _ARM_LENGTH = 1.6             # full reach beyond the body, in clip radii (as synthetic)
@@ -278,6 +277,16 @@ def _check_kinds(kinds) -> tuple[str, str]:
 
 def with_article(kind: str) -> str:
     return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+_KIND_WORD = re.compile(r"[a-z]+")
+
+
+def kinds_in(prompt: str) -> tuple[str, str] | None:
+    """The two kinds a prompt names, in order ("A dog is hugging an owl." -> ('dog', 'owl')); None unless it names
+    exactly two (a custom prompt may name none or one)."""
+    found = [w for w in _KIND_WORD.findall(prompt.lower()) if w in KINDS]
+    return (found[0], found[1]) if len(found) == 2 else None
 
 
 @functools.lru_cache(maxsize=1)

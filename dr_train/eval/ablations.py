@@ -7,6 +7,13 @@ A variant is only config: a file of `configs/ablations/` and/or `lora.placement`
 they have (`lora.export_adapters`: ffn alone, relation alone), since the paper's inference uses relation + FFN.
 A finished variant (`<out>/<variant>/ABLATION.json`) is skipped on a re-run with the same settings. The base model
 (no LoRA) is generated and evaluated once into `<out>/base/` for a reference row.
+
+With several training seeds (`train_seeds`) each variant is trained once per seed into `<out>/<variant>/seed-<s>/`.
+Where the runs were trained on the synth world, `<out>/results.json` holds {variant: {metric: {mean, ci_low,
+ci_high, n}}} for the world metrics (`dr_train.eval.world_scores.METRICS`; the base model as variant `base`),
+pooled over relations, training seeds, prompts and sampling seeds, with 95 % bootstrap intervals that resample
+whole training runs (relation x seed; the base model: relations); `<out>/results.md` puts them beside the paper's
+relation accuracy and `<out>/results.png` plots them.
 """
 from __future__ import annotations
 
@@ -78,9 +85,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ("0.3937±0.04", "0.3196", "0.9954", "2180.27")),
     Variant("direct", ("1",), "Direct LoRA fine-tuning (Q, K, V, FFN)", "Q, K, V (whole)", "—",
             "direct_lora.yaml", (), ("0.3258±0.05", "0.2966", "0.9945", "2229.08")),
+    Variant("hmt_forward_all", ("hmt",), "every adapter in every step's forward pass (hmt.forward: all)", "Q, K",
+            "V", None, ("hmt.forward=all",), ("—", "—", "—", "—")),
 )}
-GROUPS = {"all": list(VARIANTS), "table2": [n for n, v in VARIANTS.items() if "2" in v.tables],
-          "table3": [n for n, v in VARIANTS.items() if "3" in v.tables]}
+GROUPS = {"all": list(VARIANTS), "table1": ["full", "direct"],
+          "table2": [n for n, v in VARIANTS.items() if "2" in v.tables],
+          "table3": [n for n, v in VARIANTS.items() if "3" in v.tables],
+          "hmt": ["full", "hmt_forward_all"]}
 PAPER_BASE = ("Mochi (base model)", "0.2623±0.04", "0.3237", "0.9888", "2047.37")
 OURS = (("vlm_relation_accuracy", "RelAcc (VLM)"), ("judge_accuracy", "Judge acc."), ("clip_t", "CLIP-T"),
         ("temporal_consistency", "TempCons"), ("fvd", "FVD"))
@@ -128,15 +139,22 @@ def _settings(variant: str, relations, steps, config, overrides, generation: dic
                                   "generation": generation, "evaluation": ev}, default=str))
 
 
+def variant_folder(out_dir: Path, variant: str, seed: int | None = None) -> Path:
+    return Path(out_dir) / variant / (f"seed-{seed}" if seed is not None else "")
+
+
 def run_variant(variant: str, out_dir: Path, relations: Sequence[str], steps: int | None, config, overrides,
-                generation: dict, evaluation: dict) -> dict:
-    """Train, generate, evaluate and report one variant into `out_dir/<variant>`; returns its finished record."""
+                generation: dict, evaluation: dict, seed: int | None = None) -> dict:
+    """Train, generate, evaluate and report one variant into `out_dir/<variant>` (`.../seed-<seed>` with a training
+    seed); returns its finished record."""
     from dr_train.eval.evaluate import evaluate_run
     from dr_train.eval.report import build_report
     from dr_train.generate import generate_batch
     from dr_train.trainer import train
 
-    folder = out_dir / variant
+    folder = variant_folder(out_dir, variant, seed)
+    if seed is not None:
+        overrides = [*overrides, f"train.seed={int(seed)}"]
     settings = _settings(variant, relations, steps, config, overrides, generation, evaluation)
     done = folder / DONE_FILE
     if done.is_file():
@@ -153,7 +171,7 @@ def run_variant(variant: str, out_dir: Path, relations: Sequence[str], steps: in
     build_report(folder, title=f"Ablation {variant}: {VARIANTS[variant].label}")
     rows = {r["kind"]: r for r in metrics["rows"] if r["relation"] == "all"}
     record = {"variant": variant, "settings": settings, "rows": rows, "metrics": str(folder / "eval" / "metrics.json"),
-              "steps": cfg.train.max_steps, "status": "finished"}
+              "steps": cfg.train.max_steps, "seed": cfg.train.seed, "status": "finished"}
     _write_record(done, record)
     return record
 
@@ -196,14 +214,17 @@ def _write_record(path: Path, record: dict) -> None:
 
 def run_ablations(out_dir: str | Path, relations: Sequence[str], variants: str | Sequence[str] = "all",
                   steps: int | None = None, config: str | Path | None = None, overrides: Sequence[str] = (),
-                  generation: dict | None = None, evaluation: dict | None = None, include_base: bool = True) -> dict:
-    """Run the chosen variants one after another and write `<out>/ablations.csv` and `<out>/ablations.md`.
+                  generation: dict | None = None, evaluation: dict | None = None, include_base: bool = True,
+                  train_seeds: Sequence[int] | None = None) -> dict:
+    """Run the chosen variants one after another and write `<out>/ablations.csv` and `<out>/ablations.md` (and, for
+    runs on the synth world, `<out>/results.json`, `results.md`, `results.png`).
 
     generation: keyword arguments of `generate_batch` (prompts, num_prompts, seeds, steps, frames, ...);
     evaluation: keyword arguments of `evaluate_run` (clip_path, vlm, fvd_reference, ...); the FVD reference
     statistics are cached once in `<out>/fvd_cache`. include_base: also generate and evaluate the base model once
-    (`<out>/base/`) for a reference row. Returns {"records": {variant: record}, "base": record or None,
-    "csv": path, "markdown": path}.
+    (`<out>/base/`) for a reference row. train_seeds: train every variant once per seed (`train.seed`). Returns
+    {"records": {variant: record of its first seed}, "runs": {variant: [record per seed]}, "base": record or None,
+    "csv": path, "markdown": path, "results": path or None}.
     """
     out = Path(out_dir)
     names = select_variants(variants)
@@ -218,14 +239,21 @@ def run_ablations(out_dir: str | Path, relations: Sequence[str], variants: str |
     for key in ("run_dir", "videos_dir", "out_dir"):
         if key in evaluation:
             raise ValueError(f"evaluation option {key!r} is set by the ablation runner")
+    seeds = [None] if not train_seeds else [int(x) for x in dict.fromkeys(train_seeds)]
     out.mkdir(parents=True, exist_ok=True)
-    records = {}
+    runs: dict[str, list[dict]] = {}
     for position, name in enumerate(names):
-        log.info("ablation %d/%d: %s (%s)", position + 1, len(names), name, VARIANTS[name].label)
-        records[name] = run_variant(name, out, relations, steps, config, overrides, generation, evaluation)
-    base = run_base(out, out / names[0], relations, generation, evaluation) if include_base else None
+        for seed in seeds:
+            log.info("ablation %d/%d: %s (%s)%s", position + 1, len(names), name, VARIANTS[name].label,
+                     "" if seed is None else f", training seed {seed}")
+            runs.setdefault(name, []).append(run_variant(name, out, relations, steps, config, overrides, generation,
+                                                         evaluation, seed))
+    records = {name: rs[0] for name, rs in runs.items()}
+    base = run_base(out, variant_folder(out, names[0], seeds[0]), relations, generation, evaluation) \
+        if include_base else None
     csv_path, md_path = write_table(out, records, base)
-    return {"records": records, "base": base, "csv": csv_path, "markdown": md_path}
+    results = write_results(out, runs, base)
+    return {"records": records, "runs": runs, "base": base, "csv": csv_path, "markdown": md_path, "results": results}
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -265,7 +293,8 @@ def write_table(out: Path, records: dict[str, dict], base: dict | None = None) -
              f"Columns marked **paper** are {PAPER_SOURCE}: reference only, not produced here.", ""]
     sections = [("Table 2: components", "2", ["variant", "label"]),
                 ("Table 3: where the relation LoRA goes", "3", ["variant", "relation_lora", "subject_lora"]),
-                ("Baselines (Table 1)", "1", ["variant", "label"])]
+                ("Baselines (Table 1)", "1", ["variant", "label"]),
+                ("Which adapters run in a step (hmt.forward)", "hmt", ["variant", "label"])]
     for title, table, keys in sections:
         chosen = [r for r in rows if table in r["paper_tables"].split(",")]
         if not chosen:
@@ -277,3 +306,87 @@ def write_table(out: Path, records: dict[str, dict], base: dict | None = None) -
         lines.append("")
     md_path.write_text("\n".join(lines))
     return csv_path, md_path
+
+
+# ------------------------------------------------------------------------------------------ synth world results
+
+def _videos(record: dict) -> list[dict]:
+    """The per-video records of a finished run (its eval/videos.jsonl)."""
+    path = Path(record["metrics"]).parent / "videos.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def world_results(runs: dict[str, list[dict]], base: dict | None) -> dict[str, dict]:
+    """{variant: {metric: {mean, ci_low, ci_high, n}}} over every run of each variant (LoRA videos), clusters =
+    training runs (relation x seed); the base model's videos clustered by relation. Empty without world metrics."""
+    from dr_train.eval.world_scores import summarise
+
+    out = {}
+    if base is not None:
+        videos = [v for v in _videos(base) if v["kind"] == "base" and "subject_fidelity" in v]
+        if videos:
+            out["base"] = summarise([v | {"cluster": v["relation"]} for v in videos], "cluster")
+    for name, records in runs.items():
+        videos = [v | {"cluster": f"{v['relation']}/seed-{r.get('seed')}"} for r in records for v in _videos(r)
+                  if v["kind"] == "lora" and "subject_fidelity" in v]
+        if videos:
+            out[name] = summarise(videos, "cluster")
+    return out
+
+
+def write_results(out: Path, runs: dict[str, list[dict]], base: dict | None) -> Path | None:
+    """results.json, results.md (beside the paper's relation accuracy) and results.png, when the runs were judged
+    on the synth world; None otherwise."""
+    from dr_train.eval.report import WORLD_COLUMNS, format_interval
+
+    results = world_results(runs, base)
+    if not results:
+        return None
+    path = out / "results.json"
+    _write_record(path, results)
+    seeds = sorted({str(r.get("seed")) for rs in runs.values() for r in rs})
+    relations = sorted({rel for rs in runs.values() for r in rs for rel in r["settings"]["relations"]})
+    paper = {name: v.paper[0] for name, v in VARIANTS.items()} | {"base": PAPER_BASE[1]}
+    head = ["variant", "what"] + [label for _, label in WORLD_COLUMNS] + ["**paper RelAcc (VLM)**"]
+    lines = ["# Ablations on the synth world", "",
+             f"{len(relations)} relations ({', '.join(relations)}) x training seeds {', '.join(seeds)}; per variant "
+             "the mean over every LoRA video (evaluation prompts x sampling seeds) and its 95 % bootstrap interval "
+             "resampling training runs (relation x seed; base model: relations). Relation accuracy is the judge's "
+             "top-1 over 26 relations (chance 0.038). The paper's column is its VLM yes-rate on Mochi-1 and NTU: "
+             "another metric on another model, for orientation only.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, metrics in results.items():
+        label = KIND_LABEL["base"] if name == "base" else VARIANTS[name].label
+        lines.append("| " + " | ".join([name, label] + [format_interval(metrics.get(k)) for k, _ in WORLD_COLUMNS]
+                                       + [paper.get(name, "—")]) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_results(results, out / "results.png")
+    return path
+
+
+def plot_results(results: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from dr_train.eval.report import WORLD_COLUMNS
+
+    names = list(results)
+    fig, axes = plt.subplots(1, len(WORLD_COLUMNS), figsize=(4 * len(WORLD_COLUMNS), 0.35 * len(names) + 1.6),
+                             sharey=True)
+    for ax, (key, label) in zip(axes, WORLD_COLUMNS):
+        stats = [results[n].get(key) or {} for n in names]
+        mean = np.array([s.get("mean") if s.get("mean") is not None else np.nan for s in stats])
+        low = np.array([s.get("ci_low") if s.get("ci_low") is not None else np.nan for s in stats])
+        high = np.array([s.get("ci_high") if s.get("ci_high") is not None else np.nan for s in stats])
+        y = np.arange(len(names))
+        ax.barh(y, mean, color=["tab:gray" if n == "base" else "tab:blue" for n in names], alpha=0.7)
+        ax.errorbar(mean, y, xerr=[mean - low, high - mean], fmt="none", color="black", capsize=2, lw=1)
+        ax.set(title=label, xlim=(0, 1) if key != "temporal_consistency" else None)
+        ax.set_yticks(y, names)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -15,7 +15,6 @@ answers); `<out>` is `<run>/eval` by default.
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
 import math
@@ -61,12 +60,11 @@ def describe_i3d() -> str:
            f"{weights_path()}"
 
 
-@functools.lru_cache(maxsize=1)
 def synthetic_judge():
     """The programmatic judge over all 26 synthetic relations (its templates take seconds to build: built once)."""
-    from dr_train.eval.judge import RelationJudge
+    from dr_train.eval.world_scores import scorer
 
-    return RelationJudge()
+    return scorer().judge
 
 
 def judge_reasons(run_dir: Path, relations: Sequence[str]) -> dict[str, str | None]:
@@ -212,6 +210,10 @@ def group_row(relation: str, kind: str, records: list[dict], features: np.ndarra
     if judged:
         row["judge_accuracy"]["undetected"] = sum(r["judge_prediction"] is None for r in judged)
     row["vlm_relation_accuracy"] = vlm_summary(records)
+    if any("subject_fidelity" in r for r in records):
+        from dr_train.eval.world_scores import summarise
+
+        row["world"] = summarise(records)
     if ref is None:
         row["fvd"] = {"value": None, "reason": fvd_reason}
     elif features is None or len(features) < 2:
@@ -228,7 +230,7 @@ def group_row(relation: str, kind: str, records: list[dict], features: np.ndarra
 
 def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip_path: str | Path | None = None,
                  clip_label: str | None = None, vlm=None, vlm_repeats: int = 10,
-                 fvd_reference: str | Path | None = None, fvd: bool = True, fvd_frames: int = FVD_FRAMES,
+                 fvd_reference: str | Path | None = None, fvd: bool | None = None, fvd_frames: int = FVD_FRAMES,
                  fvd_cache: str | Path | None = None, judge: bool = True, out_dir: str | Path | None = None,
                  device: str | None = None, progress: bool = True) -> dict:
     """Evaluate the videos of `videos_dir` (default `<run>/eval/videos`); writes metrics.json and videos.csv into
@@ -239,11 +241,13 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
     fvd_reference: a folder of videos or a statistics .npz saved by `fvd.ReferenceStats.save` (default: the run's
     training clips); FVD takes the first `fvd_frames` frames of each video (fewer when the generated videos are
     shorter, at least 9: I3D's minimum) and caches reference statistics in `fvd_cache` (default `<out>/fvd_cache`).
+    fvd: None (default) computes it except for runs on the synth world, whose own metrics replace it (I3D's
+    Kinetics features of 64-pixel synthetic clips say little, and cost most of the evaluation's time).
     judge: the programmatic judge for relations trained on the built-in synthetic data.
     """
     from tqdm.auto import tqdm
 
-    from dr_train.catalog import load_catalog
+    from dr_train.catalog import catalog_for
     from dr_train.data.video import decode_video
 
     run_dir = Path(run_dir)
@@ -274,13 +278,17 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
         from dr_train.eval.vlm import catalog_phrase
 
         for name in relations:
-            catalog = load_catalog(relation_config(run_dir, name).data.catalog or None)
+            catalog = catalog_for(relation_config(run_dir, name))
             phrases[name] = catalog_phrase(catalog[name])
         info["vlm"] = {"computed": True, **vlm.describe(), "repeats": vlm_repeats}
     else:
         info["vlm"] = {"computed": False, "reason": "not computed: no VLM endpoint given"}
 
     reasons = judge_reasons(run_dir, relations) if judge else {r: "judge switched off" for r in relations}
+    # relations trained on the synth world's exemplars also get its kind metrics (dr_train.eval.world_scores)
+    world_relations = {r for r, why in reasons.items() if why is None
+                       and relation_config(run_dir, r).model.preset == "synth"}
+    info["world"] = {"computed": bool(world_relations), "relations": sorted(world_relations)}
     judged = [r for r, why in reasons.items() if why is None]
     info["judge"] = {"computed": bool(judged), "relations": judged,
                      "not_judged": {r: why for r, why in reasons.items() if why is not None}}
@@ -288,10 +296,13 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
         info["judge"]["reason"] = "not computed: " + ("switched off" if not judge else
                                                       "no relation was trained on the built-in synthetic data")
 
-    i3d, fvd_config, ref, info["fvd"] = setup_fvd(run_dir, relations, int(index["settings"]["num_frames"]), fvd,
-                                                  fvd_frames, fvd_reference,
+    world_only = fvd is None and set(world_relations) == set(relations)
+    i3d, fvd_config, ref, info["fvd"] = setup_fvd(run_dir, relations, int(index["settings"]["num_frames"]),
+                                                  fvd is not False and not world_only, fvd_frames, fvd_reference,
                                                   Path(fvd_cache) if fvd_cache else out / "fvd_cache", device,
                                                   progress)
+    if world_only:
+        info["fvd"]["reason"] = "not computed: the synth world's metrics replace it (--fvd computes it)"
     fvd_reason = info["fvd"].get("reason")
 
     records: list[dict] = []
@@ -305,7 +316,12 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
         rec["frames"] = int(frames.shape[0])
         if scorer is not None:
             rec.update({k: v for k, v in scorer.score(frames, item["prompt"]).items() if k != "num_frames"})
-        if reasons.get(item["relation"]) is None:
+        if item["relation"] in world_relations:
+            from dr_train.eval.world_scores import scorer
+
+            rec.update(scorer().score(frames, item["relation"], item["prompt"]))
+            rec["judge_correct"] = rec["judge_prediction"] == item["relation"]
+        elif reasons.get(item["relation"]) is None:
             predicted, _ = synthetic_judge().classify(frames)
             rec["judge_prediction"] = predicted
             rec["judge_correct"] = predicted == item["relation"]
@@ -414,7 +430,10 @@ def add_eval_args(p) -> None:
                                            "run's training clips)")
     p.add_argument("--fvd-frames", type=int, default=FVD_FRAMES, help=f"frames per video for FVD (default "
                                                                       f"{FVD_FRAMES})")
-    p.add_argument("--no-fvd", action="store_true", help="skip FVD")
+    fvd = p.add_mutually_exclusive_group()
+    fvd.add_argument("--no-fvd", dest="fvd", action="store_false", default=None, help="skip FVD")
+    fvd.add_argument("--fvd", dest="fvd", action="store_true", help="compute FVD also for synth-world runs (off "
+                                                                    "there by default)")
     p.add_argument("--no-judge", action="store_true", help="skip the programmatic judge of synthetic relations")
 
 
@@ -427,5 +446,5 @@ def eval_kwargs(a) -> dict:
         key_env = None if a.vlm_key_env.lower() == "none" else a.vlm_key_env
         vlm = VLMClient(a.vlm_url, a.vlm_model, api_key_env=key_env, temperature=a.vlm_temperature)
     return {"clip_path": a.clip, "clip_label": a.clip_label, "vlm": vlm, "vlm_repeats": a.vlm_repeats,
-            "fvd_reference": a.fvd_reference, "fvd": not a.no_fvd, "fvd_frames": a.fvd_frames,
+            "fvd_reference": a.fvd_reference, "fvd": a.fvd, "fvd_frames": a.fvd_frames,
             "judge": not a.no_judge}

@@ -187,6 +187,21 @@ def metric_cells(row: dict) -> list[str]:
     return [format_metric(key, row.get(key)) for key, _ in COLUMNS]
 
 
+WORLD_COLUMNS = (("relation_accuracy", "relation accuracy"), ("subject_fidelity", "subject fidelity"),
+                 ("appearance_leakage", "appearance leakage"), ("temporal_consistency", "temporal consistency"))
+
+
+def format_interval(value: dict | None) -> str:
+    """'mean [ci_low, ci_high]' of a bootstrap summary; '—' when nothing was scored."""
+    if not value or value.get("mean") is None:
+        return "—"
+    return f"{value['mean']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+
+
+def world_cells(row: dict) -> list[str]:
+    return [format_interval((row.get("world") or {}).get(key)) for key, _ in WORLD_COLUMNS]
+
+
 # ------------------------------------------------------------------------------------------ pictures
 
 def exemplar_frames(run_dir: Path, relation: str) -> np.ndarray | None:
@@ -360,6 +375,10 @@ def build_report(run_dir: str | Path, metrics_path: str | Path | None = None, ou
         notes.append("**Tiny preset**: a randomly initialised 2-block Mochi built from a config, trained for a few "
                      "steps. These numbers show that training, generation, evaluation and this report run end to "
                      "end; they say nothing about the method and are not comparable with the paper's.")
+    elif model == "synth":
+        notes.append("**Synth base** (docs/synth.md): a small Mochi-architecture model pretrained here on the synth "
+                     "world, which never saw a relation; the LoRAs learned the relation from `person` exemplars, and "
+                     "the prompts ask for it between other kinds. The world's judges score every video.")
     notes += [f"Sampler: {metrics['sampler']}, {gen['steps']} steps, CFG {gen['guidance_scale']:g}, "
               f"{gen['num_frames']} frames x {gen['height']} x {gen['width']} at {gen['fps']} fps",
               f"Videos: {metrics['videos'].get('lora', 0)} with relation LoRAs and {metrics['videos'].get('base', 0)} "
@@ -372,6 +391,15 @@ def build_report(run_dir: str | Path, metrics_path: str | Path | None = None, ou
     doc.p(f"Per-video numbers: `{_rel(metrics_path.parent / VIDEOS_CSV, out)}`; all numbers and settings: "
           f"`{_rel(metrics_path, out)}`. Std is the sample standard deviation over "
           f"videos (over repeats for RelAcc); — means not computed or undefined.")
+
+    if any(r.get("world") for r in rows):
+        doc.h(2, "Synth world metrics")
+        doc.p("Relations trained on the synth world: the relation judge's top-1 and the kind classifier on every "
+              "video (dr_train.eval.world_scores); mean and 95 % bootstrap interval over the videos (prompts x "
+              "seeds). Chance relation accuracy is 1/26 = 0.038.")
+        head = ["relation", "model", "videos"] + [label for _, label in WORLD_COLUMNS]
+        doc.table(head, [[r["relation"], KIND_LABEL[r["kind"]], r["videos"], *world_cells(r)] for r in rows
+                         if r.get("world")])
 
     doc.h(2, "Results (Table 1 style)")
     header = ["model", "videos"] + [label for _, label in COLUMNS]

@@ -1,6 +1,8 @@
-"""Load the Mochi-1 stack from a local diffusers folder or build the tiny preset."""
+"""Load the Mochi-1 stack: the built-in presets (`tiny`, built from a config; `synth`, the base pretrained here and
+shipped in dr_train/model/synth_base/, sha256-checked) or a local diffusers folder."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import torch
 from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 from transformers import T5EncoderModel, T5TokenizerFast
 
-from dr_train.model import presets
+from dr_train.model import presets, synth
 from dr_train.model.attention import set_attention_backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,9 +33,12 @@ class MochiComponents:
                              tokenizer=self.tokenizer, transformer=self.transformer)
 
 
+PRESETS = ("tiny", "synth")
+
+
 def resolve_dtype(preset: str, dtype: str) -> torch.dtype:
     if dtype == "auto":
-        return torch.float32 if preset == "tiny" else torch.bfloat16
+        return torch.float32 if preset in PRESETS else torch.bfloat16
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; available: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -41,7 +46,7 @@ def resolve_dtype(preset: str, dtype: str) -> torch.dtype:
 
 def check_pretrained_folder(path: Path) -> None:
     if not path.is_dir():
-        raise ValueError(f"model preset {str(path)!r} is neither 'tiny' nor an existing folder")
+        raise ValueError(f"model preset {str(path)!r} is neither 'tiny', 'synth' nor an existing folder")
     missing = [s for s in _SUBFOLDERS if not (path / s).is_dir()]
     if missing:
         raise ValueError(f"Mochi folder {path} lacks {', '.join(missing)} (expected the layout diffusers saves: "
@@ -49,6 +54,14 @@ def check_pretrained_folder(path: Path) -> None:
 
 
 PARTS = ("transformer", "vae", "text_encoder")
+
+
+def folder_text_tokens(folder: Path) -> int:
+    """The T5 sequence length a folder's transformer was built for (Mochi-1: 256)."""
+    config = folder / "transformer" / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text()).get("max_sequence_length", MOCHI_TEXT_TOKENS))
+    return MOCHI_TEXT_TOKENS
 
 
 def _load_part(part: str, preset: str, torch_dtype: torch.dtype, vocab_size: int):
@@ -71,18 +84,21 @@ def load_mochi(preset: str = "tiny", dtype: str = "auto", attention_backend: str
     if unknown:
         raise ValueError(f"unknown Mochi part(s) {sorted(unknown)}; available: {', '.join(PARTS)}")
     torch_dtype = resolve_dtype(preset, dtype)
+    source = preset if preset in PRESETS else str(Path(preset))
     if preset == "tiny":
         tokenizer, scheduler = presets.tiny_tokenizer(), presets.mochi_scheduler()
         max_text_tokens = max_text_tokens or presets.TINY_TEXT_TOKENS
     else:
+        if preset == "synth":
+            preset = str(synth.verify_folder(synth.SYNTH_DIR))
         check_pretrained_folder(Path(preset))
         tokenizer = T5TokenizerFast.from_pretrained(preset, subfolder="tokenizer")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(preset, subfolder="scheduler")
-        max_text_tokens = max_text_tokens or MOCHI_TEXT_TOKENS
+        max_text_tokens = max_text_tokens or folder_text_tokens(Path(preset))
     loaded = {part: _load_part(part, preset, torch_dtype, len(tokenizer)) if part in parts else None
               for part in PARTS}
     comps = MochiComponents(tokenizer=tokenizer, scheduler=scheduler, max_text_tokens=max_text_tokens,
-                            source=preset if preset == "tiny" else str(Path(preset)), **loaded)
+                            source=source, **loaded)
     for module in loaded.values():
         if module is not None:
             module.requires_grad_(False)

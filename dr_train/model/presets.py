@@ -42,18 +42,24 @@ def tiny_vae(seed: int = 1) -> AutoencoderKLMochi:
         )
 
 
-def tiny_tokenizer() -> T5TokenizerFast:
-    """A real T5 (Unigram) tokenizer with a small vocabulary: catalog words plus single-character fallback."""
+def word_tokenizer(words, max_length: int) -> T5TokenizerFast:
+    """A real T5 (Unigram) tokenizer with a small vocabulary: `words` (and their capitalised forms) as whole-word
+    pieces, anything else falls back to single characters."""
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     seen = {t for t, _ in vocab}
-    pieces = [("\u2581" + w, -1.0) for w in _TINY_WORDS] + [("\u2581" + w.capitalize(), -1.0) for w in _TINY_WORDS]
+    pieces = [("\u2581" + w, -1.0) for w in words] + [("\u2581" + w.capitalize(), -1.0) for w in words]
     chars = string.ascii_letters + string.digits + string.punctuation
     pieces += [(c, -6.0) for c in chars] + [("\u2581" + c, -6.5) for c in chars]
     for piece in pieces:
         if piece[0] not in seen:
             seen.add(piece[0])
             vocab.append(piece)
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=TINY_TEXT_TOKENS)
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_tokenizer() -> T5TokenizerFast:
+    """The tiny preset's tokenizer: the catalog's words."""
+    return word_tokenizer(_TINY_WORDS, TINY_TEXT_TOKENS)
 
 
 def tiny_text_encoder(vocab_size: int, seed: int = 2) -> T5EncoderModel:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from dr_train.catalog import load_catalog, select_relations
+from dr_train.catalog import catalog_for, select_relations
 from dr_train.config import Config
 from dr_train.orchestrate import plan as planning
 from dr_train.orchestrate import records, results as res_mod, worker
@@ -74,7 +74,7 @@ def absolute_paths(cfg: Config) -> Config:
     if d.source != "synthetic":
         d.source = str(Path(d.source).expanduser().resolve())
     d.cache_dir = str(Path(d.cache_dir).expanduser().resolve())
-    if cfg.model.preset != "tiny" and Path(cfg.model.preset).expanduser().exists():
+    if cfg.model.preset not in ("tiny", "synth") and Path(cfg.model.preset).expanduser().exists():
         cfg.model.preset = str(Path(cfg.model.preset).expanduser().resolve())
     return cfg
 
@@ -231,7 +231,7 @@ def run_relations(cfg: Config, opts: RayOptions, out: TextIO | None = None) -> R
     out = out or sys.stdout
     opts.validate()
     cfg = absolute_paths(cfg)
-    names = [r.name for r in select_relations(cfg.train.relations, load_catalog(cfg.data.catalog or None))]
+    names = [r.name for r in select_relations(cfg.train.relations, catalog_for(cfg))]
     storage = Path(opts.storage or cfg.train.output_dir).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
     with StorageLock(storage):

@@ -202,9 +202,9 @@ def train_relation_ranks(spec: dict, per_worker: dict, max_failures: int) -> dic
 def prepare_synthetic(overrides: list[str], relations: list[str]) -> str:
     """Render and encode the synthetic clips of `relations` once, before the relations start (the trainer would
     otherwise do it in whichever relation comes first, with the others waiting on the dataset's lock)."""
-    from dr_train.catalog import load_catalog, select_relations
+    from dr_train.catalog import catalog_for, select_relations
     from dr_train.config import load_config
     from dr_train.data.sources import resolve_dataset
 
     cfg = load_config(None, overrides)
-    return str(resolve_dataset(cfg, select_relations(relations, load_catalog(cfg.data.catalog or None))))
+    return str(resolve_dataset(cfg, select_relations(relations, catalog_for(cfg))))

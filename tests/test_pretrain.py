@@ -1,0 +1,86 @@
+"""Pretraining the synth base (dr_train/pretrain/) on a micro recipe: every stage runs, stops and resumes exactly,
+and the exported folder is a diffusers Mochi pipeline that the `synth`-style loader verifies and loads."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from dr_train import checkpoint as ckpt
+from dr_train.pretrain.config import load_pretrain_config
+from dr_train.pretrain.loop import run_stage
+
+MICRO = ["world.corpus_clips=24", "vae.steps=3", "vae.batch_size=1", "vae.clip_frames=7", "vae.stats_clips=4",
+         "vae.warmup_steps=1", "decoder.steps=2", "decoder.batch_size=1", "decoder.clip_frames=7",
+         "decoder.warmup_steps=1", "transformer.steps=3", "transformer.batch_size=4", "transformer.warmup_steps=1",
+         "transformer.heads=2", "transformer.layers=2", "transformer.sample_every=1000", "transformer.sample_videos=2", "text.d_model=32",
+         "sample.steps=2", "sample.fidelity_videos=2", "sample.per_relation=0", "run.checkpoint_minutes=1000"]
+
+
+def _cfg(tmp_path, *extra):
+    return load_pretrain_config(None, MICRO + [f"run.out={tmp_path / 'out'}", *extra])
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vae_stage_resumed_from_a_checkpoint_equals_a_straight_run(tmp_path):
+    from dr_train.pretrain.vae import VAEStage
+
+    cfg = _cfg(tmp_path)
+    straight = VAEStage(cfg)
+    assert run_stage(straight, tmp_path / "a", checkpoint_minutes=0) is True
+    first = VAEStage(cfg)
+    assert run_stage(first, tmp_path / "b", checkpoint_minutes=0, minutes=0.0) is False   # one step, then out of time
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000001"]
+    resumed = VAEStage(cfg)
+    assert run_stage(resumed, tmp_path / "b", checkpoint_minutes=0) is True
+    assert _same(straight.model.state_dict(), resumed.model.state_dict())
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
+    assert (tmp_path / "b" / "loss_curve.png").stat().st_size > 1000
+
+
+def test_pretraining_runs_every_stage_and_exports_a_verified_mochi_folder(tmp_path):
+    """The command line in two chunks (the VAE stage alone, then the rest), each re-run continuing the last."""
+    from diffusers import MochiPipeline
+
+    from dr_train.model import load_mochi
+    from dr_train.model.synth import verify_folder
+
+    script = str(REPO / "launch" / "pretrain_base.py")
+    args = [arg for item in MICRO for arg in ("--set", item)] + ["--set", f"run.out={tmp_path / 'out'}"]
+    first = subprocess.run([sys.executable, script, *args, "--stages", "vae"], capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0 and "every stage is done" in first.stdout, first.stderr[-2000:]
+    target = tmp_path / "base"
+    rest = subprocess.run([sys.executable, script, *args, "--export-to", str(target)], capture_output=True, text=True,
+                          timeout=900)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "step/s" in rest.stderr or "s/step" in rest.stderr                    # progress bars with rates
+    verify_folder(target)
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "README.md", "checks.json"):
+        assert (target / part).exists(), part
+    assert json.loads((tmp_path / "out" / "decoder" / "DONE.json").read_text())["steps"] == 2
+    from diffusers import AutoencoderKLMochi
+    shipped, encoded = AutoencoderKLMochi.from_pretrained(target / "vae"), \
+        AutoencoderKLMochi.from_pretrained(tmp_path / "out" / "corpus" / "vae")
+    enc = lambda m: {k: v for k, v in m.state_dict().items() if k.startswith("encoder.")}  # noqa: E731
+    assert _same(enc(shipped), enc(encoded))                    # the corpus's latent space, frozen
+    assert not _same(shipped.decoder.state_dict(), encoded.decoder.state_dict())       # the fine-tuned decoder
+    assert shipped.config.latents_std == encoded.config.latents_std
+    assert not list(target.rglob("*.bin")) and not list(target.rglob("*.pt"))   # safetensors only
+    pipe = MochiPipeline.from_pretrained(target)
+    assert pipe.transformer.config.num_layers == 2
+    comps = load_mochi(str(target), dtype="fp32")
+    assert comps.max_text_tokens == 24 and comps.transformer.dtype == torch.float32
+    checks = json.loads((target / "checks.json").read_text())
+    assert checks["subject_fidelity_generic"]["videos"] == 2
+    card = (target / "README.md").read_text()
+    assert "library_name: diffusers" in card and "launch/pretrain_base.py" in card
+    (target / "vae" / "config.json").write_text((target / "vae" / "config.json").read_text() + " ")
+    with pytest.raises(ValueError, match="vae/config.json does not match its sha256"):
+        verify_folder(target)
