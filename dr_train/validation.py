@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dr_train.catalog import Relation
+from dr_train.eval import world_scores
 
 log = logging.getLogger("dr_train")
 
@@ -98,9 +99,7 @@ class Validator:
                 score = {"index": item.index, "seed": item.seed, "prompt": item.prompt, "keyframes": str(grid),
                          "video": str(video), "rank": self.dist.rank}
                 if self.world:
-                    from dr_train.eval.world_scores import scorer
-
-                    score |= scorer().score(frames, run.relation.name, item.prompt)
+                    score |= world_scores.scorer().score(frames, run.relation.name, item.prompt)
                 scores.append(score)
         gathered = sorted((s for part in self.dist.all_gather_objects(scores) for s in part),
                           key=lambda s: (s["index"], s["seed"]))

@@ -84,3 +84,44 @@ def test_pretraining_runs_every_stage_and_exports_a_verified_mochi_folder(tmp_pa
     (target / "vae" / "config.json").write_text((target / "vae" / "config.json").read_text() + " ")
     with pytest.raises(ValueError, match="vae/config.json does not match its sha256"):
         verify_folder(target)
+
+
+class _Counter:
+    """A stage whose state is one number, that receives SIGTERM in its `kill_at`-th step (as a scheduler's
+    preemption or `kill` would deliver it)."""
+    name, files = "counter", ("weights",)
+
+    def __init__(self, total: int, kill_at: int | None = None):
+        self.total_steps, self.kill_at, self.value = total, kill_at, torch.zeros(1)
+
+    def state(self):
+        return {"weights": {"value": self.value.clone()}}, {}
+
+    def load(self, tensors, state):
+        self.value = tensors["weights"]["value"].clone()
+
+    def train_step(self, step):
+        self.value += step
+        if step + 1 == self.kill_at:
+            import os
+            import signal
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"loss": float(self.value)}
+
+    def check(self, step):
+        return None
+
+
+def test_sigterm_writes_a_checkpoint_and_the_stage_resumes_where_it_stopped(tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        run_stage(_Counter(10, kill_at=4), tmp_path / "counter")
+    assert signal.getsignal(signal.SIGTERM) is before                 # the handler is put back
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "counter" / "checkpoints")] == ["step-00000004"]
+    stage = _Counter(10)
+    assert run_stage(stage, tmp_path / "counter")
+    assert float(stage.value) == sum(range(10))                      # nothing redone, nothing skipped
+    steps = [json.loads(l)["step"] for l in (tmp_path / "counter" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))

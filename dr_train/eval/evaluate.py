@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dr_train.eval import world_scores
 from dr_train.generate import load_index, relation_config, training_dataset_dir
 
 log = logging.getLogger("dr_train")
@@ -62,9 +63,7 @@ def describe_i3d() -> str:
 
 def synthetic_judge():
     """The programmatic judge over all 26 synthetic relations (its templates take seconds to build: built once)."""
-    from dr_train.eval.world_scores import scorer
-
-    return scorer().judge
+    return world_scores.scorer().judge
 
 
 def judge_reasons(run_dir: Path, relations: Sequence[str]) -> dict[str, str | None]:
@@ -211,9 +210,7 @@ def group_row(relation: str, kind: str, records: list[dict], features: np.ndarra
         row["judge_accuracy"]["undetected"] = sum(r["judge_prediction"] is None for r in judged)
     row["vlm_relation_accuracy"] = vlm_summary(records)
     if any("subject_fidelity" in r for r in records):
-        from dr_train.eval.world_scores import summarise
-
-        row["world"] = summarise(records)
+        row["world"] = world_scores.summarise(records)
     if ref is None:
         row["fvd"] = {"value": None, "reason": fvd_reason}
     elif features is None or len(features) < 2:
@@ -317,9 +314,7 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
         if scorer is not None:
             rec.update({k: v for k, v in scorer.score(frames, item["prompt"]).items() if k != "num_frames"})
         if item["relation"] in world_relations:
-            from dr_train.eval.world_scores import scorer
-
-            rec.update(scorer().score(frames, item["relation"], item["prompt"]))
+            rec.update(world_scores.scorer().score(frames, item["relation"], item["prompt"]))
             rec["judge_correct"] = rec["judge_prediction"] == item["relation"]
         elif reasons.get(item["relation"]) is None:
             predicted, _ = synthetic_judge().classify(frames)

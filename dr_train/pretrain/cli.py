@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    done = run(cfg, stages, args.minutes, Path(args.export_to) if args.export_to else None)
+    try:
+        done = run(cfg, stages, args.minutes, Path(args.export_to) if args.export_to else None)
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}) after a checkpoint: run the same command again to continue",
+              file=sys.stderr)
+        return 130
     print("every stage is done" if done else "stopped after a checkpoint: run the same command again to continue")
     return 0

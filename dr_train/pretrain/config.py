@@ -64,7 +64,7 @@ class TransformerSection:
     layers: int = opt(6, "MM-DiT blocks")
     context_dim: int = opt(96, "width of the text stream (pooled_projection_dim)")
     time_embed_dim: int = opt(128, "timestep embedding width")
-    steps: int = opt(4000, "optimizer steps")
+    steps: int = opt(5000, "optimizer steps")
     batch_size: int = opt(32, "clips per step")
     lr: float = opt(4e-4, "peak AdamW learning rate (warmup, then cosine to 10 %)")
     warmup_steps: int = opt(300, "linear warmup steps")

@@ -163,7 +163,7 @@ video = pipe("A robot and an owl are bouncing.", num_frames=25, height=64, width
    space stays the one the transformer learned), L1 weighted {1 + cfg.decoder.subject_weight:g}x within 2 px of the
    subjects.
 
-Reproduce: `python launch/pretrain_base.py --minutes 60`, repeated until it says every stage is done (then
+{_schedule_changes(cfg, out)}Reproduce: `python launch/pretrain_base.py --minutes 60`, repeated until it says every stage is done (then
 `--stages export --export-to dr_train/model/synth_base`). The recipe (`configs/pretrain_synth.yaml`):
 
 ```yaml
@@ -180,6 +180,26 @@ Reproduce: `python launch/pretrain_base.py --minutes 60`, repeated until it says
     path = target / "README.md"
     path.write_text(text)
     return path
+
+
+def _schedule_changes(cfg: PretrainConfig, out: Path) -> str:
+    """A paragraph naming every step where a stage's learning rate rose after its warmup: the run was resumed with
+    a longer `steps` (the cosine horizon moved), so a straight run of the recipe differs from this copy there."""
+    from dr_train.plots import read_metrics
+
+    found = []
+    for stage, warmup in (("vae", cfg.vae.warmup_steps), ("transformer", cfg.transformer.warmup_steps),
+                          ("decoder", cfg.decoder.warmup_steps)):
+        path = out / stage / "metrics.jsonl"
+        rows = [r for r in read_metrics(path) if r.get("lr") is not None] if path.is_file() else []
+        for prev, row in zip(rows, rows[1:]):
+            if row["step"] > warmup + 1 and row["lr"] > prev["lr"] * 1.01:
+                found.append(f"{stage} at step {prev['step']} (lr {prev['lr']:.3g} -> {row['lr']:.3g})")
+    if not found:
+        return ""
+    return ("**This copy's history**: its run was extended (resumed with more `steps`, which moves the cosine "
+            "schedule's horizon) at " + "; ".join(found) + ". The recipe below gives the final lengths; a straight "
+            "run of it follows one schedule instead.\n\n")
 
 
 def _kinds() -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Protocol
@@ -116,6 +117,14 @@ def run_stage(stage: Stage, folder: Path, minutes: float | None = None, checkpoi
         ckpt.save_checkpoint(ckpt_dir, step, tensors, {**state, "step": step}, keep=2)
         saved, last_save = step, time.monotonic()
 
+    stop: list[str] = []
+
+    def interrupted(signum, frame):
+        stop.append(signal.Signals(signum).name)
+
+    # SIGINT and SIGTERM (kill, a scheduler's preemption; also where a background shell started the process with
+    # SIGINT ignored) end the run after the step in progress, with a checkpoint of whole steps
+    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with metrics_path.open("a") as metrics:
             while step < stage.total_steps:
@@ -136,14 +145,16 @@ def run_stage(stage: Stage, folder: Path, minutes: float | None = None, checkpoi
                 out_of_time = deadline is not None and now >= deadline
                 if step == stage.total_steps or out_of_time or now - last_save >= 60.0 * checkpoint_minutes:
                     save()
+                if stop:
+                    bar.write(f"{stage.name}: {stop[0]} at step {step}, writing a checkpoint")
+                    if step > saved:
+                        save()
+                    raise KeyboardInterrupt(stop[0])
                 if out_of_time:
                     break
-    except KeyboardInterrupt:                  # Ctrl-C / SIGINT: keep what was done, then stop
-        if step > saved:
-            bar.write(f"{stage.name}: interrupted at step {step}, writing a checkpoint")
-            save()
-        raise
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         bar.close()
         plot_curves(metrics_path, folder / "loss_curve.png", curve_keys, stage.name)
     if step >= stage.total_steps:
