@@ -17,7 +17,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) launch/train.py
+	$(PY) launch/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest

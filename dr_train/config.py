@@ -24,16 +24,18 @@ def opt(default: Any, help: str):
 @dataclass
 class ModelConfig:
     """The Mochi-1 backbone."""
-    preset: str = opt("tiny", "'tiny' (a 2-block Mochi built from a config, no download) or the path of a local "
-                              "diffusers Mochi-1 folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    preset: str = opt("synth", "'synth' (the 5M-parameter base pretrained on the synth world, shipped in "
+                               "dr_train/model/synth_base/, sha256-checked; docs/synth.md), 'tiny' (a random "
+                               "2-block Mochi built from a config, for tests) or the path of a local diffusers "
+                               "Mochi-1 folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
     dtype: str = opt("auto", "dtype of the frozen base weights: fp32, bf16, or auto (bf16 for a pretrained folder, "
-                             "fp32 for the tiny preset)")
+                             "fp32 for the tiny and synth presets)")
     gradient_checkpointing: bool = opt(False, "recompute each transformer block in the backward pass")
     attention_backend: str = opt("auto", "attention processor: flash (flash-attn varlen over each sample's valid "
                                          "tokens; CUDA + the flash-attn package), sdpa (batched, masked text "
                                          "tokens), reference (diffusers' per-sample loop), auto (flash where it "
                                          "can run, else sdpa)")
-    max_text_tokens: int = opt(0, "T5 sequence length; 0 = the preset's own (256 for Mochi-1, 16 for tiny)")
+    max_text_tokens: int = opt(0, "T5 sequence length; 0 = the preset's own (256 for Mochi-1, 24 for synth, 16 for tiny)")
 
 
 @dataclass
