@@ -10,7 +10,7 @@ from dr_train.eval.ablations import GROUPS, VARIANTS, run_ablations, select_vari
 from dr_train.lora import resolve_placement
 
 # the synthetic data settings of conftest.small_config, so the session's cached dataset is reused
-TRAIN = ["data.videos_per_relation=6", f"data.cache_dir={SYNTHETIC_CACHE}", "optim.warmup_steps=2",
+TRAIN = ["model.preset=tiny", "data.videos_per_relation=6", f"data.cache_dir={SYNTHETIC_CACHE}", "optim.warmup_steps=2",
          "train.checkpoint_every=6"]
 GENERATION = {"num_prompts": 2, "seeds": [0], "steps": 2, "height": 32, "width": 48, "progress": False}
 EVALUATION = {"progress": False}

@@ -98,7 +98,7 @@ def test_config_travels_to_workers_as_overrides(tmp_path):
     cfg.data.source = "prepared/ds"
     moved = absolute_paths(cfg)
     assert moved.data.cache_dir == str(Path.cwd() / "rel" / "cache")
-    assert moved.data.source == str(Path.cwd() / "prepared" / "ds") and moved.model.preset == "tiny"
+    assert moved.data.source == str(Path.cwd() / "prepared" / "ds") and moved.model.preset == "synth"   # a built-in name stays a name
     assert cfg.data.cache_dir == "rel/cache"                       # the caller's config is left alone
 
 
