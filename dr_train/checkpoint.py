@@ -11,7 +11,6 @@ The folder is written under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,16 +21,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dr_train.data.shards import sha256_file
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 TENSOR_FILES = ("adapters", "optimizer", "rng", "memory_bank")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(folder: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
@@ -50,7 +43,7 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, dict[str, torch.
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors[name].items()}, str(path))
     (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
     for path in sorted(tmp.iterdir()):
-        manifest[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        manifest[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     with (tmp / "manifest.json").open("w") as f:
         json.dump({"step": step, "files": manifest}, f, indent=1)
         f.flush()
@@ -90,7 +83,7 @@ def load_checkpoint(path: Path, names: tuple[str, ...] = TENSOR_FILES
         if size != info["bytes"]:
             raise ValueError(f"checkpoint file {file} is truncated or altered: {size} bytes, "
                              f"manifest says {info['bytes']}")
-        if _sha256(file) != info["sha256"]:
+        if sha256_file(file) != info["sha256"]:
             raise ValueError(f"checkpoint file {file} is corrupt: its sha256 does not match the manifest")
     tensors = {}
     for name in names:

@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dr_train.data.shards import sha256_file
 from dr_train.data.video import write_mp4
 from dr_train.model import load_mochi
 from dr_train.plots import keyframe_grid
@@ -116,14 +117,6 @@ def training_clip_size(cfg) -> tuple[int, int, int] | None:
         return int(video["frames"]), int(video["height"]), int(video["width"])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ sampling

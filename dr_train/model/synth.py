@@ -10,7 +10,6 @@ still read the world after an mp4 round trip (docs/metrics_relation.md), with th
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
+from dr_train.data.shards import sha256_file
 from dr_train.model.presets import word_tokenizer
 
 SYNTH_DIR = Path(__file__).resolve().parent / "synth_base"
@@ -81,14 +81,6 @@ def synth_transformer(seed: int, text_dim: int, heads: int = 6, head_dim: int = 
         )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -96,7 +88,7 @@ def _files(folder: Path) -> list[Path]:
 def write_manifest(folder: str | Path) -> Path:
     """`SHA256SUMS` (sha256sum's format) over every file of the folder."""
     folder = Path(folder)
-    lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}" for p in _files(folder)]
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in _files(folder)]
     path = folder / MANIFEST
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -118,7 +110,7 @@ def verify_folder(folder: str | Path = SYNTH_DIR) -> Path:
         path = folder / name
         if not path.is_file():
             raise ValueError(f"synth base file {path} is missing")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise ValueError(f"synth base file {path} does not match its sha256 in {manifest}")
     unlisted = [p for p in _files(folder) if p.relative_to(folder).as_posix() not in listed
                 and p.suffix in (".safetensors", ".json")]
