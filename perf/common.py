@@ -13,7 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_hash() -> str:
-    """Short HEAD hash, '+dirty' when tracked files have changes."""
+    """Short HEAD hash, '+dirty' when tracked files have changes; $DR_GIT_HASH where the copy has no .git (a GPU
+    machine that received the working tree only)."""
+    if os.environ.get("DR_GIT_HASH"):
+        return os.environ["DR_GIT_HASH"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10).stdout.strip()

@@ -409,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available); mochi on cpu "
                                                    "only when asked for explicitly (a plumbing check)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense bf16 peak")
+    ap.add_argument("--memory-gb", type=float, default=None,
+                    help="emulate a smaller card: cap this process's CUDA memory at this many GiB "
+                         "(torch.cuda.set_per_process_memory_fraction) before the model is built; recorded, not "
+                         "enforced, on a CPU")
     ap.add_argument("--nvml-interval", type=float, default=0.1, help="seconds between NVML samples")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.OPTION=VALUE",
                     help="any trainer config option, e.g. --set lora.rank=64 (repeatable)")
@@ -443,6 +447,9 @@ def main(argv=None) -> int:
     gc = args.gradient_checkpointing if args.gradient_checkpointing is not None else mochi
     if steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
+    if args.memory_gb is not None and not args.memory_gb > 0:
+        ap.error("--memory-gb must be > 0")
+    memory_cap = apply_memory_cap(device, args.memory_gb)
 
     from dr_train.catalog import Relation
     from dr_train.config import load_config
@@ -476,13 +483,26 @@ def main(argv=None) -> int:
             ap.error(f"--prompt-tokens must be in 0..{text_tokens}")
 
         t_build = time.perf_counter()
-        if mochi:
-            dtype = resolve_dtype("mochi", cfg.model.dtype)
-            comps = build_mochi_components(device, dtype, cfg.model.attention_backend, gc, args.num_layers,
-                                           text_tokens)
-        else:
-            comps = load_mochi("tiny", cfg.model.dtype, cfg.model.attention_backend, gc, text_tokens,
-                               parts=("transformer",))
+        try:
+            if mochi:
+                dtype = resolve_dtype("mochi", cfg.model.dtype)
+                comps = build_mochi_components(device, dtype, cfg.model.attention_backend, gc, args.num_layers,
+                                               text_tokens)
+            else:
+                comps = load_mochi("tiny", cfg.model.dtype, cfg.model.attention_backend, gc, text_tokens,
+                                   parts=("transformer",))
+        except torch.cuda.OutOfMemoryError as e:
+            status = f"out of memory while building the model: {str(e).splitlines()[0][:300]}"
+            print(f"{device_name(device)}: {status}", flush=True)
+            failed = {"tool": "perf/profile_step.py", "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+                      "status": status, "device": device_name(device), "git_hash": git_hash(),
+                      "versions": _versions(), "command": [sys.argv[0]] + list(argv if argv is not None
+                                                                               else sys.argv[1:]),
+                      "config": {"preset": args.preset, "frames": frames, "height": height, "width": width,
+                                 "gradient_checkpointing": gc, "memory_cap": memory_cap},
+                      "results": {"memory": memory_report(device, None)}}
+            write_json(failed, Path(args.out), args.preset)
+            return 3
         transformer = comps.transformer
         dims = flop_model.MochiDims.of(transformer)
         build_seconds = time.perf_counter() - t_build
@@ -512,7 +532,7 @@ def main(argv=None) -> int:
                 "dtype": str(transformer.dtype).replace("torch.", ""),
                 "attention_backend": cfg.model.attention_backend, "mixed_precision": cfg.train.mixed_precision,
                 "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum, "steps": steps,
-                "warmup": args.warmup, "model_build_seconds": build_seconds,
+                "warmup": args.warmup, "model_build_seconds": build_seconds, "memory_cap": memory_cap,
                 "parameters": sum(p.numel() for p in transformer.parameters()),
                 "trainable_parameters": sum(p.numel() for ps in run.params_by_adapter.values() for p in ps),
                 "model": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
@@ -583,21 +603,38 @@ def main(argv=None) -> int:
             result["targets"] = {"genmo": GENMO, "comparison": compare_genmo(result)}
         run.close()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", dev_name).strip("-")[:40]
-    stem = f"profile_step_{args.preset}_{slug}_{result['timestamp'].replace(':', '')}"
-    json_path = out / f"{stem}.json"
-    json_path.write_text(json.dumps(result, indent=1, default=str))
+    json_path = write_json(result, Path(args.out), args.preset)
     print("\n" + "\n".join(headline(result)))
     if mochi:
         print("\n".join(compare_genmo(result)))
     print(f"json: {json_path}")
     if not args.no_plot:
-        png = out / f"{stem}.png"
+        png = json_path.with_suffix(".png")
         plot(result, png)
         print(f"plot: {png}")
     return code
+
+
+def apply_memory_cap(device: torch.device, gigabytes: float | None) -> dict | None:
+    """Cap this process's CUDA memory at `gigabytes` GiB (a smaller card, emulated); what was applied, for the JSON."""
+    if gigabytes is None:
+        return None
+    if device.type != "cuda":
+        return {"GiB": gigabytes, "enforced": False, "note": "no CUDA: recorded only"}
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, gigabytes * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return {"GiB": gigabytes, "enforced": True, "fraction": fraction, "device_total_GiB": total / 2**30}
+
+
+def write_json(result: dict, out: Path, preset: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-")[:40]
+    cap = (result["config"].get("memory_cap") or {}).get("GiB")
+    tag = f"_cap{cap:g}GiB" if cap else ""
+    path = out / f"profile_step_{preset}_{slug}{tag}_{result['timestamp'].replace(':', '')}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    return path
 
 
 def human(n: float) -> str:

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Everything this project checks on a CUDA GPU, in one call of at most ~8 minutes (perf/README.md, "gpu_check.sh").
+#
+#   bash perf/gpu_check.sh                 # on a GPU machine, from a checkout (+ .whl/ from perf/build_wheelhouse.sh)
+#   bash perf/gpu_check.sh --dry-run       # on a CPU: the same steps at toy sizes, into a temporary folder (CI)
+#   bash perf/gpu_check.sh --out DIR --only kernels,bench
+#
+# Steps, each time-boxed (`timeout`) so a slow or hung one cannot starve the rest:
+#   env      what the machine is: GPU, driver, versions, which optional packages import (flash-attn...)
+#   kernels  the kernel tests on CUDA in fp32 and bf16, and flash-attn vs SDPA outputs and gradients
+#   bench    perf/bench_kernels.py at Mochi's latent (eager, compile, triton; fp32, bf16) and the sweep (bf16, eager
+#            and triton: torch.compile per sweep shape would not fit the box); GB/s, fraction of HBM peak
+#   profile  perf/profile_step.py --preset mochi at 61x480x848, with gradient checkpointing and without
+#   memory   the same step under torch.cuda.set_per_process_memory_fraction emulating 24 and 48 GiB cards
+# Results: perf/results/<device-name>/ (or --out), a log per step, summary.txt (also printed), and, when $OUT is
+# set (the device tool's folder that comes back), one results.tar.gz of them all plus summary.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+DRY=0; OUT_DIR=""; ONLY="env,kernels,bench,profile,memory"; SCALE=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --out) OUT_DIR="$2"; shift ;;
+    --only) ONLY="$2"; shift ;;
+    --time-scale) SCALE="$2"; shift ;;          # multiply every step's time box (a slower or faster machine)
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ] && [ $DRY = 1 ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+# Offline install of what the GPU image lacks (diffusers, webdataset, ...), from perf/build_wheelhouse.sh's .whl/.
+if [ $DRY = 0 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  SITE=${GPU_CHECK_SITE:-/tmp/dr_site}
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
+    echo "gpu_check.sh: installing the wheelhouse .whl/ failed" >&2; exit 2
+  fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if [ $DRY = 1 ]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  DEVICE_SLUG="dry-run"
+  RES=${OUT_DIR:-$(mktemp -d /tmp/gpu_check_dry.XXXXXX)}
+else
+  if ! DEVICE_SLUG=$("$PY" -c "import torch, re; assert torch.cuda.is_available(), 'no CUDA'; \
+print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))" 2>&1); then
+    echo "gpu_check.sh: no usable CUDA GPU ($DEVICE_SLUG); on a CPU run --dry-run" >&2; exit 2
+  fi
+  RES=${OUT_DIR:-perf/results/$DEVICE_SLUG}
+fi
+mkdir -p "$RES"
+SUMMARY="$RES/summary.txt"
+: > "$SUMMARY"
+START=$(date +%s)
+
+# step NAME SECONDS COMMAND...: run with a time box, log to $RES/NAME.log, one summary line.
+step() {
+  local name=$1 box=$2; shift 2
+  case ",$ONLY," in *",${name%%-*},"*) ;; *) return 0 ;; esac
+  box=$("$PY" -c "print(max(5, round($box * $SCALE)))")
+  local t0=$(date +%s)
+  echo "== $name (time box ${box}s): $*"
+  timeout -k 10 "$box" "$@" > "$RES/$name.log" 2>&1
+  local rc=$? dt=$(( $(date +%s) - t0 ))
+  local verdict="ok"
+  [ $rc = 124 ] || [ $rc = 137 ] && verdict="TIMED OUT"
+  [ $rc != 0 ] && [ "$verdict" = ok ] && verdict="exit $rc"
+  local last; last=$(grep -v '^\s*$' "$RES/$name.log" | tail -n 1 | cut -c1-150)
+  printf '%-16s %-10s %4ss  %s\n' "$name" "$verdict" "$dt" "$last" | tee -a "$SUMMARY"
+}
+
+echo "gpu_check: results in $RES"
+step env 30 "$PY" perf/gpu_env.py --out "$RES"
+
+if [ $DRY = 1 ]; then
+  # The same scripts at toy sizes on the CPU (Triton in its interpreter): plumbing only, numbers mean nothing.
+  step kernels 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_masked_loss.py \
+       tests/test_attention.py -k "cpu-fp32 or flash or sdpa" --timeout=100
+  step bench 120 "$PY" perf/bench_kernels.py --device cpu --sizes tiny --dtypes fp32 --impls eager,triton \
+       --reps 1 --warmup 0 --no-plot --out "$RES"
+  step profile-ckpt 120 "$PY" perf/profile_step.py --preset mochi --device cpu --num-layers 1 --frames 7 \
+       --height 32 --width 32 --steps 1 --warmup 0 --gradient-checkpointing --no-plot --out "$RES"
+  step memory-24gb 120 "$PY" perf/profile_step.py --preset mochi --device cpu --num-layers 1 --frames 7 \
+       --height 32 --width 32 --steps 1 --warmup 0 --memory-gb 24 --no-plot --out "$RES"
+else
+  step kernels 75 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_masked_loss.py \
+       tests/test_kernels_relation_features.py tests/test_kernels_dispatch.py tests/test_attention.py \
+       -k "cuda or flash or gpu" --timeout=70 -rs
+  step bench-mochi 80 "$PY" perf/bench_kernels.py --sizes mochi --dtypes fp32,bf16 --passes full,fwd,bwd \
+       --reps 30 --warmup 3 --no-plot --out "$RES"
+  step bench-sweep 45 "$PY" perf/bench_kernels.py --sizes sweep --dtypes bf16 --impls eager,triton --passes full \
+       --reps 20 --warmup 2 --out "$RES"
+  step profile-ckpt 95 "$PY" perf/profile_step.py --preset mochi --steps 4 --warmup 1 --gradient-checkpointing \
+       --out "$RES"
+  step profile-nockpt 60 "$PY" perf/profile_step.py --preset mochi --steps 3 --warmup 1 \
+       --no-gradient-checkpointing --out "$RES"
+  step memory-48gb 70 "$PY" perf/profile_step.py --preset mochi --steps 2 --warmup 1 --gradient-checkpointing \
+       --memory-gb 48 --no-plot --out "$RES"
+  step memory-24gb 40 "$PY" perf/profile_step.py --preset mochi --steps 2 --warmup 1 --gradient-checkpointing \
+       --memory-gb 24 --no-plot --out "$RES"
+fi
+
+echo "total $(( $(date +%s) - START ))s on $DEVICE_SLUG" | tee -a "$SUMMARY"
+echo; echo "== summary ($SUMMARY)"; cat "$SUMMARY"
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+  tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")" && cp "$SUMMARY" "$OUT/summary.txt"
+fi
+# A step that failed is a finding, reported above; the script fails only when it could not run at all.
+exit 0
