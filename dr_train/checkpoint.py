@@ -8,6 +8,10 @@ Layout of `<relation>/checkpoints/step-00000020/`:
   state.json               step, data position, scheduler, optimizer hyper-parameters, bank ids, config
   manifest.json            sha256 and size of every file above; written last, so its presence means complete
 The folder is written under a temporary name and renamed into place.
+
+`CheckpointManager` collects the parts of a training state that save and load themselves (adapters, optimizer,
+scheduler, RNG streams, memory bank, data stream), each registered once with where it goes, and writes or
+restores them together (as torchtitan's CheckpointManager).
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dr_train.data.shards import sha256_file
+from dr_train.io import atomic_path, sha256_file
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 TENSOR_FILES = ("adapters", "optimizer", "rng", "memory_bank")
@@ -33,24 +38,22 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, dict[str, torch.
     state.json."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
-    tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    manifest = {}
-    for name in tensors:
-        path = tmp / f"{name}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors[name].items()}, str(path))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-    for path in sorted(tmp.iterdir()):
-        manifest[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    with (tmp / "manifest.json").open("w") as f:
-        json.dump({"step": step, "files": manifest}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for name in tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors[name].items()},
+                      str(tmp / f"{name}.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+        manifest = {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+                    for path in sorted(tmp.iterdir())}
+        with (tmp / "manifest.json").open("w") as f:
+            json.dump({"step": step, "files": manifest}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -99,3 +102,90 @@ def load_checkpoint(path: Path, names: tuple[str, ...] = TENSOR_FILES
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint file {path / 'state.json'} cannot be read: {e}") from None
     return tensors, state
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class CheckpointManager:
+    """The parts of a run's state, registered once, saved and restored as one checkpoint in `folder`.
+
+    `register(name, part, tensors=..., state=...)`: the part's state goes to the tensor file `tensors`
+    (`<tensors>.safetensors`), to the state.json key `state`, or to both. Its `state_dict()` returns the tensors,
+    the JSON-able state, or the pair (tensors, state) when it has both, and `load_state_dict` takes the same back.
+    """
+
+    def __init__(self, folder: Path, keep: int = 2):
+        self.folder, self.keep = Path(folder), keep
+        self.parts: dict[str, tuple[Stateful, str | None, str | None]] = {}
+
+    def register(self, name: str, part: Stateful, tensors: str | None = None, state: str | None = None) -> None:
+        assert name not in self.parts, f"checkpoint part {name!r} registered twice"
+        assert tensors or state, f"checkpoint part {name!r} has nowhere to go"
+        taken = {t for _, t, _ in self.parts.values()} | {s for _, _, s in self.parts.values()}
+        assert not ({tensors, state} - {None}) & taken, f"checkpoint part {name!r} reuses a file or key"
+        self.parts[name] = (part, tensors, state)
+
+    def collect(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        """Every part's state (on every rank: parts may gather across ranks)."""
+        tensors, state = {}, {}
+        for part, file, key in self.parts.values():
+            value = part.state_dict()
+            if file and key:
+                tensors[file], state[key] = value
+            elif file:
+                tensors[file] = value
+            else:
+                state[key] = value
+        return tensors, state
+
+    def save(self, step: int, extra_state: dict, write: bool = True) -> Path:
+        """Collect every part and, where `write` (the main rank), write step-<step>; returns its path."""
+        tensors, state = self.collect()
+        path = self.folder / f"step-{step:08d}"
+        if write:
+            path = save_checkpoint(self.folder, step, tensors, {"step": step, **extra_state, **state}, keep=self.keep)
+        return path
+
+    def read(self, path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        """Verify and read a checkpoint written by `save` (nothing is restored yet)."""
+        files = tuple(file for _, file, _ in self.parts.values() if file)
+        return load_checkpoint(path, files)
+
+    def restore(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict, path: Path) -> None:
+        """Load every part, in registration order, from what `read` returned."""
+        for name, (part, file, key) in self.parts.items():
+            if key and key not in state:
+                raise ValueError(f"checkpoint {path / 'state.json'} has no {key!r} entry (part {name})")
+            if file and key:
+                part.load_state_dict((tensors[file], state[key]))
+            elif file:
+                part.load_state_dict(tensors[file])
+            else:
+                part.load_state_dict(state[key])
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.folder)
+        return found[-1] if found else None
+
+
+class RngStreams:
+    """Named random generators saved together as one tensor file; `None` stands for torch's global generator."""
+
+    def __init__(self, **generators: torch.Generator | None):
+        self.generators = generators
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: torch.get_rng_state() if g is None else g.get_state() for name, g in self.generators.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, g in self.generators.items():
+            if name not in tensors:
+                raise ValueError(f"checkpoint rng file has no {name!r} generator state")
+            if g is None:
+                torch.set_rng_state(tensors[name])
+            else:
+                g.set_state(tensors[name])

@@ -9,6 +9,7 @@ import sys
 
 from dr_train.config import load_config
 from dr_train.runtime import quiet_library_noise
+from dr_train.trainer import train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dr_train.trainer import train
 
     try:
         results = train(cfg)

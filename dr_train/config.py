@@ -13,6 +13,8 @@ from typing import Any, get_origin, get_type_hints
 
 import yaml
 
+from dr_train.geometry import check_video_size
+
 
 def opt(default: Any, help: str):
     """A config option with its one-line documentation."""
@@ -369,11 +371,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.num_workers < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     pr = cfg.prepare
-    if (pr.frames - 1) % 6 or pr.frames < 1:
-        raise ValueError(f"prepare.frames must be 1 + 6k (Mochi's VAE), got {pr.frames}")
-    if pr.height % 16 or pr.width % 16 or pr.height < 16 or pr.width < 16:
-        raise ValueError(f"prepare.height and prepare.width must be positive multiples of 16, got "
-                         f"{pr.height}x{pr.width}")
+    check_video_size(pr.frames, pr.height, pr.width, prefix="prepare.")
     choices = {"trim": ("center", "start"), "video_backend": ("auto", "pyav", "dali"),
                "layout": ("auto", "folders", "ntu"), "masks": ("auto", "png", "grounding_sam")}
     for name, allowed in choices.items():

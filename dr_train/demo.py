@@ -13,7 +13,11 @@ import time
 from pathlib import Path
 
 from dr_train.cli import build_parser as train_parser, config_from_args
+from dr_train.eval.evaluate import evaluate_run
+from dr_train.eval.report import KIND_LABEL, WORLD_COLUMNS, build_report, format_interval
+from dr_train.generate import generate_batch
 from dr_train.runtime import quiet_library_noise
+from dr_train.trainer import train
 
 log = logging.getLogger("dr_train")
 
@@ -31,8 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def table(metrics: dict) -> str:
     """The world metrics per relation and overall, base beside LoRA, as plain text."""
-    from dr_train.eval.report import KIND_LABEL, WORLD_COLUMNS, format_interval
-
     rows = [r for r in metrics["rows"] if r.get("world")]
     head = ["relation", "model", "videos"] + [label for _, label in WORLD_COLUMNS]
     body = [[r["relation"], KIND_LABEL[r["kind"]], str(r["videos"])]
@@ -43,11 +45,6 @@ def table(metrics: dict) -> str:
 
 
 def run_demo(cfg, num_prompts: int, seeds: list[int], steps: int, guidance_scale: float, batch_size: int) -> dict:
-    from dr_train.eval.evaluate import evaluate_run
-    from dr_train.eval.report import build_report
-    from dr_train.generate import generate_batch
-    from dr_train.trainer import train
-
     phases, clock = {}, time.perf_counter()
 
     def phase(name: str) -> None:

@@ -7,12 +7,8 @@ a plain torch engine that averages LoRA gradients over ranks itself. Both expose
 (`forward`, `backward`, `step`, full LoRA weights and optimizer state for checkpoints), so the trainer never asks
 which one it has. NCCL on GPUs, gloo on CPUs.
 
-Hybrid mask training under ZeRO: the optimizer has one parameter group per adapter, and `HMTAdamW` skips the
-groups whose adapters this step does not update (their weights, moments and step counts stay untouched, as in
-the single-process trainer), because ZeRO hands every group a (zero) gradient and would otherwise apply weight
-decay and momentum to adapters HMT froze. With `optim.frozen_adapters: zero_grad` (the official code) every group
-is stepped, frozen adapters with zero gradients: ZeRO's flat partitions have them already, and the plain engine
-fills them in, so both engines apply the same momentum and decay.
+Hybrid mask training under ZeRO: both engines step `dr_train.method.hybrid_mask_training.HMTAdamW`, one parameter
+group per adapter, which skips the groups this step does not update (see there for why ZeRO needs it).
 """
 from __future__ import annotations
 
@@ -25,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+
+from dr_train.method.hybrid_mask_training import HMTAdamW
 
 log = logging.getLogger("dr_train")
 BACKENDS = ("auto", "nccl", "gloo")
@@ -50,6 +48,31 @@ class Dist:
     def barrier(self) -> None:
         if self.initialized:
             tdist.barrier()
+
+    def local_rows(self, per_rank: int) -> slice:
+        """This rank's rows of a global batch laid out rank after rank, `per_rank` rows each."""
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def gather_flat(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order (video ids of the global batch, say)."""
+        return [item for part in self.all_gather_objects(items) for item in part]
+
+    def info0(self, message: str, *args) -> None:
+        """Log on the main rank only: what a person reads once per launch, not once per rank (nanochat's print0)."""
+        if self.is_main:
+            log.info(message, *args)
+
+    def warning0(self, message: str, *args) -> None:
+        if self.is_main:
+            log.warning(message, *args)
+
+    def main_first(self, fn):
+        """fn() on the main rank, then, once it is done, on the others: one rank creates what every rank reads."""
+        result = fn() if self.is_main else None
+        self.barrier()
+        if not self.is_main:
+            result = fn()
+        return result
 
     def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
         """Equal-shaped tensors of every rank, concatenated along dim 0 in rank order."""
@@ -108,7 +131,7 @@ def init_distributed(backend: str = "auto", use_deepspeed: bool = False, timeout
     name = backend if backend != "auto" else ("nccl" if cuda else "gloo")
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if use_deepspeed:
-        import deepspeed
+        import deepspeed  # deferred: deepspeed is an optional dependency
 
         deepspeed.init_distributed(dist_backend=name, timeout=timeout, verbose=False)
     else:
@@ -119,47 +142,6 @@ def init_distributed(backend: str = "auto", use_deepspeed: bool = False, timeout
 def shutdown(dist: Dist) -> None:
     if dist.initialized and tdist.is_initialized():
         tdist.destroy_process_group()
-
-
-FROZEN_ADAPTERS = ("skip", "zero_grad")
-
-
-class HMTAdamW(torch.optim.AdamW):
-    """AdamW over one parameter group per adapter; groups with `active=False` are not stepped at all, and in active
-    groups a parameter without a gradient is stepped with a zero gradient when `zero_fill` is set."""
-
-    zero_fill = False
-
-    def set_active(self, adapters: list[str]) -> None:
-        for group in self.param_groups:
-            group["active"] = group["adapter"] in adapters
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if self.zero_fill:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if group.get("active", True) and p.grad is None:
-                        p.grad = torch.zeros_like(p)
-        parked = [(g, g["params"]) for g in self.param_groups if not g.get("active", True)]
-        for g, _ in parked:
-            g["params"] = []
-        try:
-            return super().step(closure)
-        finally:
-            for g, params in parked:
-                g["params"] = params
-
-
-def make_optimizer(params_by_adapter: dict[str, list[torch.nn.Parameter]], optim) -> HMTAdamW:
-    """HMTAdamW over one group per adapter, from an `OptimConfig`."""
-    if optim.frozen_adapters not in FROZEN_ADAPTERS:
-        raise ValueError(f"optim.frozen_adapters must be one of {', '.join(FROZEN_ADAPTERS)}, got "
-                         f"{optim.frozen_adapters!r}")
-    groups = [{"params": params, "adapter": name, "active": True} for name, params in params_by_adapter.items()]
-    opt = HMTAdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
-    opt.zero_fill = optim.frozen_adapters == "zero_grad"
-    return opt
 
 
 # ---- engines ------------------------------------------------------------------------------------------------
@@ -235,7 +217,7 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO around the transformer; only LoRA parameters are trainable (and in the optimizer)."""
 
     def __init__(self, module: torch.nn.Module, optimizer: HMTAdamW, config: dict, dist: Dist):
-        import deepspeed
+        import deepspeed  # deferred: deepspeed is an optional dependency
 
         self.dist, self.client = dist, optimizer
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
@@ -269,7 +251,7 @@ class DeepSpeedEngine:
         """Full parameters inside the block (ZeRO-3 partitions them; other stages keep them whole)."""
         if self.stage != 3:
             return contextlib.nullcontext()
-        import deepspeed
+        import deepspeed  # deferred: deepspeed is an optional dependency
 
         return deepspeed.zero.GatheredParameters(params)
 
@@ -287,7 +269,7 @@ class DeepSpeedEngine:
             destroy()
 
     def full_state(self, p: torch.nn.Parameter, key: str) -> torch.Tensor | None:
-        from deepspeed.utils import safe_get_full_optimizer_state
+        from deepspeed.utils import safe_get_full_optimizer_state  # deferred: deepspeed is an optional dependency
 
         if self.stage == 0:
             return TorchEngine.full_state(self, p, key)
@@ -304,7 +286,7 @@ class DeepSpeedEngine:
         return float(state["step"]) if "step" in state else None
 
     def load_full_state(self, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
-        from deepspeed.utils import safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_optimizer_state  # deferred: deepspeed is an optional dependency
 
         if self.stage == 0:
             return TorchEngine.load_full_state(self, p, key, value)

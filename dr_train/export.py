@@ -25,10 +25,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dr_train import __version__
+from dr_train.catalog import catalog_for
+from dr_train.checkpoint import list_checkpoints, load_checkpoint
+from dr_train.config import load_config
 from dr_train.lora_formats import comfyui_rank_splits, comfyui_state_dict
+from dr_train.method.triplet import (adapter_names, add_relation_lora_triplet, export_inference_lora,
+                                     inference_lora_state_dict, load_adapter_state_dict)
+from dr_train.model import load_mochi
+from dr_train.run_folder import LORA_FILE, RelationFolder
 
 FORMATS = ("diffusers", "comfyui")
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+DIFFUSERS_FILE = LORA_FILE
 HUB_BASE_MODEL = "genmo/mochi-1-preview"
 TAGS = ["lora", "text-to-video", "mochi", "dreamrelation"]
 _REPO = Path(__file__).resolve().parent.parent
@@ -98,8 +105,6 @@ def export_lora(transformer, out_dir: str | Path, adapters, formats=FORMATS, met
     """Write `adapters` of `transformer` as one inference LoRA in each of `formats` (diffusers, comfyui) under
     `out_dir`, with `lora_metadata` in every file, dr_relation.json, and README.md when `card` is given (see
     `training_card`). Returns {format: path, 'card': path}."""
-    from dr_train.lora import export_inference_lora, inference_lora_state_dict
-
     formats = check_formats(formats)
     out_dir, adapters, metadata = Path(out_dir), list(adapters), dict(metadata or {})
     meta = lora_metadata(transformer, adapters, metadata)
@@ -144,7 +149,7 @@ def training_card(config: dict, images: list[Path] = ()) -> dict:
 def validation_keyframes(relation_dir: Path, step: int | None = None) -> list[Path]:
     """keyframes.png of the validation at `step` (else the latest validation at or before it), sorted; [] when the
     relation has no validation/ folder."""
-    folder = Path(relation_dir) / "validation"
+    folder = RelationFolder(Path(relation_dir)).validation
     if not folder.is_dir():
         return []
     steps = sorted((int(p.name[5:]), p) for p in folder.glob("step-*") if p.name[5:].isdigit())
@@ -206,8 +211,6 @@ def model_card(meta: dict[str, str], files: dict[str, str], out_dir: Path, card:
 
 def config_from_dict(config: dict, source: str):
     """A validated Config from a saved config dict (state.json's 'config', config.json): one override per section."""
-    from dr_train.config import load_config
-
     if not isinstance(config, dict):
         raise ValueError(f"{source}: the saved config is not a mapping")
     overrides = [f"{section}={yaml.safe_dump(values, default_flow_style=True, width=1 << 30).strip()}"
@@ -219,12 +222,10 @@ def config_from_dict(config: dict, source: str):
 
 
 def _prompt(cfg, relation: str, relation_dir: Path) -> str:
-    from dr_train.catalog import catalog_for
-
     catalog = catalog_for(cfg)
     if relation in catalog:
         return catalog[relation].prompt
-    saved = relation_dir / "lora" / "dr_relation.json"
+    saved = RelationFolder(relation_dir).lora / "dr_relation.json"
     if saved.is_file():
         return json.loads(saved.read_text()).get("prompt", "")
     raise ValueError(f"relation {relation!r} is in neither the run's catalog nor {saved}: its prompt is unknown")
@@ -235,16 +236,12 @@ def export_checkpoint(relation_dir: str | Path, step: int | None = None, formats
     """Rebuild the model a relation was trained on from a checkpoint (default: the latest) and `export_lora` it.
     Defaults: adapters = the run's lora.export_adapters present in its placement, out = <relation_dir>/lora (or
     lora-step-N for --step)."""
-    from dr_train.checkpoint import list_checkpoints, load_checkpoint
-    from dr_train.lora import adapter_names, add_relation_lora_triplet, load_adapter_state_dict
-    from dr_train.model import load_mochi
-
     relation_dir, formats = Path(relation_dir), check_formats(formats)
     if not relation_dir.is_dir():
         raise ValueError(f"relation folder {relation_dir} does not exist (give <run>/<relation>)")
-    found = {int(p.name[5:]): p for p in list_checkpoints(relation_dir / "checkpoints")}
+    found = {int(p.name[5:]): p for p in list_checkpoints(RelationFolder(relation_dir).checkpoints)}
     if not found:
-        raise ValueError(f"{relation_dir / 'checkpoints'} holds no complete checkpoint")
+        raise ValueError(f"{RelationFolder(relation_dir).checkpoints} holds no complete checkpoint")
     if step is not None and step not in found:
         raise ValueError(f"{relation_dir} has no checkpoint at step {step}; steps: {', '.join(map(str, found))}")
     path = found[step if step is not None else max(found)]
@@ -264,7 +261,7 @@ def export_checkpoint(relation_dir: str | Path, step: int | None = None, formats
     metadata = {"relation": relation, "prompt": _prompt(cfg, relation, relation_dir), "base_model": comps.source,
                 "steps": state["step"], **state["identity"]["lora"]}
     if out is None:
-        out = relation_dir / ("lora" if step is None else f"lora-step-{step}")
+        out = RelationFolder(relation_dir).lora if step is None else relation_dir / f"lora-step-{step}"
     card = training_card(cfg.to_dict(), validation_keyframes(relation_dir, state["step"]))
     return export_lora(transformer, out, adapters, formats, metadata, card)
 

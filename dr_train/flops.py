@@ -43,6 +43,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from dr_train.method.triplet import resolve_placement
+
 
 @dataclass(frozen=True)
 class MochiDims:
@@ -143,7 +145,6 @@ def _rank_and_placement(lora) -> tuple[int, dict[str, list[str]]]:
     """(rank, {adapter: [projection, ...]}) from a LoRAConfig-like object (rank, placement) or a dict."""
     if lora is None:
         return 0, {}
-    from dr_train.lora import resolve_placement
 
     if isinstance(lora, Mapping):
         return int(lora["rank"]), resolve_placement(lora["placement"])
@@ -191,24 +192,49 @@ def count_flops(model_or_config: Any, latent_shape: Iterable[int], text_tokens: 
     p = dims.patch_size
     if H % p or W % p:
         raise ValueError(f"latent height and width must be multiples of the patch size {p}, got {H}x{W}")
-    d, D = dims.dim, dims.text_embed_dim
     L = int(text_tokens)
     La = L if attention_text_tokens is None else int(attention_text_tokens)
     Tv = F * (H // p) * (W // p)
-    rows = {"visual": B * Tv, "text": B * L, "temb": B}
     rank, placement = _rank_and_placement(lora)
     trainable = set(placement if trainable is None else trainable)
     unknown = trainable - set(placement)
     if placement and unknown:
         raise ValueError(f"trainable adapters {sorted(unknown)} are not in the LoRA placement {list(placement)}")
-    out = FlopCount(batch=B, visual_tokens=Tv, text_tokens=L, attention_tokens=Tv + La)
-    by = out.by_layer
+    walk = _Walk(dims, FlopCount(batch=B, visual_tokens=Tv, text_tokens=L, attention_tokens=Tv + La),
+                 {"visual": B * Tv, "text": B * L, "temb": B}, training, placement, rank, trainable,
+                 attention_backward, B, Tv, L, La)
+    _count_embeddings(walk)
+    grad = {"visual": False, "text": False, "temb": False}       # which residual streams need a gradient
+    walk.out.blocks_forward = sum(_count_block(walk, i == dims.num_layers - 1, grad) for i in range(dims.num_layers))
+    if training and gradient_checkpointing:
+        walk.out.recompute = walk.out.blocks_forward
+    _count_head(walk, grad)
+    return walk.out
 
-    def add(key: str, value: int) -> None:
-        by[key] = by.get(key, 0) + int(value)
 
-    # ---- embeddings and head: frozen, no gradient reaches them ----
-    c_out = dims.out_channels or dims.in_channels
+@dataclass
+class _Walk:
+    """What a count walks through: the model's dims, the step's token counts and LoRA, and the count it fills."""
+    dims: MochiDims
+    out: FlopCount
+    rows: dict
+    training: bool
+    placement: dict
+    rank: int
+    trainable: set
+    attention_backward: str
+    B: int
+    Tv: int
+    L: int
+    La: int
+
+    def add(self, key: str, value: int) -> None:
+        self.out.by_layer[key] = self.out.by_layer.get(key, 0) + int(value)
+
+
+def _count_embeddings(w: _Walk) -> None:
+    """Patch, timestep and caption embeddings and RoPE: frozen, no gradient reaches them."""
+    dims, B, Tv, L, D, d, p = w.dims, w.B, w.Tv, w.L, w.dims.text_embed_dim, w.dims.dim, w.dims.patch_size
     embed = [("embed.patch_embed", B * Tv, dims.in_channels * p * p, d),
              ("embed.timestep_embedder.linear_1", B, dims.time_embed_dim, d),
              ("embed.timestep_embedder.linear_2", B, d, d),
@@ -217,83 +243,87 @@ def count_flops(model_or_config: Any, latent_shape: Iterable[int], text_tokens: 
              ("embed.pooler.to_out", B, D, d),
              ("embed.caption_proj", B * L, D, dims.pooled_projection_dim)]
     for name, r, i, o in embed:
-        out.linears += 2 * r * i * o
-        add(name, 2 * r * i * o)
+        w.out.linears += 2 * r * i * o
+        w.add(name, 2 * r * i * o)
     pool_attn = 4 * B * (L + 1) * D             # one query per sample over 1 + L keys (8 heads of D / 8)
-    out.attention += pool_attn
-    add("embed.pooler.attention", pool_attn)
-    out.rope = 2 * Tv * 3 * (dims.num_attention_heads * dims.attention_head_dim // 2)   # pos (N,3) x freqs (3,h,f)
-    add("rope.einsum", out.rope)
+    w.out.attention += pool_attn
+    w.add("embed.pooler.attention", pool_attn)
+    w.out.rope = 2 * Tv * 3 * (dims.num_attention_heads * dims.attention_head_dim // 2)   # pos (N,3) x freqs (3,h,f)
+    w.add("rope.einsum", w.out.rope)
 
-    # ---- transformer blocks, following which activations need a gradient ----
-    grad = {"visual": False, "text": False, "temb": False}
-    blocks_fwd = 0
-    for i in range(dims.num_layers):
-        last = i == dims.num_layers - 1
-        block_fwd = 0
-        needs_out = {}                   # module -> whether its output needs a gradient
-        for name, stream, fin, fout in block_linears(dims, last):
-            r = rows[stream]
-            if name == "attn1.to_out.0" or name == "attn1.to_add_out":
-                g_in = needs_out["attention"]
-            elif name == "ff.net.2":
-                g_in = needs_out["ff.net.0.proj"]
-            elif name == "ff_context.net.2":
-                g_in = needs_out["ff_context.net.0.proj"]
-            else:
-                g_in = grad[stream]
-            base = 2 * r * fin * fout
-            out.linears += base
-            block_fwd += base
-            add(f"blocks.{name}", base)
-            if training and g_in:
-                out.linears_backward += base
-            g_out = g_in
-            for adapter, projections in placement.items():
-                if _lora_key(name) not in projections:
-                    continue
-                a_fwd, b_fwd = 2 * r * fin * rank, 2 * r * rank * fout
-                out.lora += a_fwd + b_fwd
-                block_fwd += a_fwd + b_fwd
-                add(f"lora.{adapter}", a_fwd + b_fwd)
-                t = adapter in trainable
-                if training:
-                    out.lora_backward += (a_fwd if g_in else 0) + (a_fwd if t else 0)   # A: dx, dW_A
-                    out.lora_backward += (b_fwd if (g_in or t) else 0) + (b_fwd if t else 0)   # B: d(Ax), dW_B
-                g_out = g_out or t
-            needs_out[name] = g_out
-            if name == "attn1.add_v_proj":          # Q/K/V of both streams are in: the joint attention
-                attn = 4 * B * dims.num_attention_heads * (Tv + La) ** 2 * dims.attention_head_dim
-                out.attention += attn
-                block_fwd += attn
-                add("blocks.attention", attn)
-                need = {x: needs_out[f"attn1.to_{x}"] or needs_out[f"attn1.add_{x}_proj"] for x in "qkv"}
-                g_attn = any(need.values())
-                if training and g_attn:
-                    if attention_backward == "fused":      # QK^T again, then dV, dP, dQ, dK regardless
-                        products = 5
-                    else:                                  # dV = P^T dO; dP = dO V^T; dQ = dS K; dK = dS^T Q
-                        products = need["v"] + (need["q"] or need["k"]) + need["q"] + need["k"]
-                    out.attention_backward += products * attn // 2
-                needs_out["attention"] = g_attn
-            # residual streams pick up the gradient requirement of what is added to them
-            if name == "attn1.to_out.0" or name == "ff.net.2":
-                grad["visual"] = grad["visual"] or g_out
-            if name == "attn1.to_add_out" or name == "ff_context.net.2":
-                grad["text"] = grad["text"] or g_out
-        blocks_fwd += block_fwd
-    out.blocks_forward = blocks_fwd
-    if training and gradient_checkpointing:
-        out.recompute = blocks_fwd
 
-    head = [("head.norm_out.linear", B, d, 2 * d, False),
-            ("head.proj_out", B * Tv, d, p * p * c_out, grad["visual"])]
+def _count_block(w: _Walk, last: bool, grad: dict) -> int:
+    """One transformer block, following which activations need a gradient; updates `grad` (the residual streams
+    pick up the gradient requirement of what is added to them); returns the block's forward FLOPs."""
+    out, dims = w.out, w.dims
+    block_fwd = 0
+    needs_out = {}                   # module -> whether its output needs a gradient
+    for name, stream, fin, fout in block_linears(dims, last):
+        r = w.rows[stream]
+        if name == "attn1.to_out.0" or name == "attn1.to_add_out":
+            g_in = needs_out["attention"]
+        elif name == "ff.net.2":
+            g_in = needs_out["ff.net.0.proj"]
+        elif name == "ff_context.net.2":
+            g_in = needs_out["ff_context.net.0.proj"]
+        else:
+            g_in = grad[stream]
+        base = 2 * r * fin * fout
+        out.linears += base
+        block_fwd += base
+        w.add(f"blocks.{name}", base)
+        if w.training and g_in:
+            out.linears_backward += base
+        g_out = g_in
+        for adapter, projections in w.placement.items():
+            if _lora_key(name) not in projections:
+                continue
+            a_fwd, b_fwd = 2 * r * fin * w.rank, 2 * r * w.rank * fout
+            out.lora += a_fwd + b_fwd
+            block_fwd += a_fwd + b_fwd
+            w.add(f"lora.{adapter}", a_fwd + b_fwd)
+            t = adapter in w.trainable
+            if w.training:
+                out.lora_backward += (a_fwd if g_in else 0) + (a_fwd if t else 0)   # A: dx, dW_A
+                out.lora_backward += (b_fwd if (g_in or t) else 0) + (b_fwd if t else 0)   # B: d(Ax), dW_B
+            g_out = g_out or t
+        needs_out[name] = g_out
+        if name == "attn1.add_v_proj":          # Q/K/V of both streams are in: the joint attention
+            block_fwd += _count_attention(w, needs_out)
+        if name == "attn1.to_out.0" or name == "ff.net.2":
+            grad["visual"] = grad["visual"] or g_out
+        if name == "attn1.to_add_out" or name == "ff_context.net.2":
+            grad["text"] = grad["text"] or g_out
+    return block_fwd
+
+
+def _count_attention(w: _Walk, needs_out: dict) -> int:
+    """The joint attention of one block (forward, and backward for the inputs that need a gradient)."""
+    dims = w.dims
+    attn = 4 * w.B * dims.num_attention_heads * (w.Tv + w.La) ** 2 * dims.attention_head_dim
+    w.out.attention += attn
+    w.add("blocks.attention", attn)
+    need = {x: needs_out[f"attn1.to_{x}"] or needs_out[f"attn1.add_{x}_proj"] for x in "qkv"}
+    g_attn = any(need.values())
+    if w.training and g_attn:
+        if w.attention_backward == "fused":      # QK^T again, then dV, dP, dQ, dK regardless
+            products = 5
+        else:                                  # dV = P^T dO; dP = dO V^T; dQ = dS K; dK = dS^T Q
+            products = need["v"] + (need["q"] or need["k"]) + need["q"] + need["k"]
+        w.out.attention_backward += products * attn // 2
+    needs_out["attention"] = g_attn
+    return attn
+
+
+def _count_head(w: _Walk, grad: dict) -> None:
+    d, p, c_out = w.dims.dim, w.dims.patch_size, w.dims.out_channels or w.dims.in_channels
+    head = [("head.norm_out.linear", w.B, d, 2 * d, False),
+            ("head.proj_out", w.B * w.Tv, d, p * p * c_out, grad["visual"])]
     for name, r, i, o, g_in in head:
-        out.linears += 2 * r * i * o
-        add(name, 2 * r * i * o)
-        if training and g_in:
-            out.linears_backward += 2 * r * i * o
-    return out
+        w.out.linears += 2 * r * i * o
+        w.add(name, 2 * r * i * o)
+        if w.training and g_in:
+            w.out.linears_backward += 2 * r * i * o
 
 
 def forward_flops(model_or_config: Any, latent_shape: Iterable[int], text_tokens: int, lora=None,

@@ -31,15 +31,24 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from dr_train.data.shards import sha256_file
+from dr_train import fanout
+from dr_train.catalog import catalog_for
+from dr_train.config import ModelConfig, load_config
+from dr_train.data.shards import load_manifest
+from dr_train.data.sources import synthetic_dataset_dir
 from dr_train.data.video import write_mp4
+from dr_train.geometry import check_frames, check_size
+from dr_train.io import atomic_path, atomic_write_text, read_json, sha256_file
 from dr_train.model import load_mochi
+from dr_train.model.loading import PRESETS
 from dr_train.plots import keyframe_grid
+from dr_train.run_folder import LORA_FILE, RelationFolder
+from dr_train.runtime import quiet_library_noise
 
 log = logging.getLogger("dr_train")
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 BASE = "_base"
 INDEX = "index.json"
 SAMPLER = "FlowMatchEulerDiscreteScheduler (Mochi's Euler flow-matching sampler)"
@@ -64,15 +73,8 @@ def config_overrides(mapping: dict, where: str) -> list[str]:
 
 def relation_config(run_dir: str | Path, relation: str):
     """The Config a relation of a run was trained with (`<run>/<relation>/config.json`)."""
-    from dr_train.config import load_config
-
-    path = Path(run_dir) / relation / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: {Path(run_dir) / relation} is not a relation trained by dr_train")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    path = RelationFolder.of(run_dir, relation).config
+    data = read_json(path, missing=f"{Path(run_dir) / relation} is not a relation trained by dr_train")
     return load_config(None, config_overrides(data, str(path)))
 
 
@@ -84,14 +86,14 @@ def run_relations(run_dir: str | Path, relations: Sequence[str] | None = None) -
         raise ValueError(f"training run folder {run_dir} does not exist")
     if relations is None:
         found = {d.name: d for d in sorted(run_dir.iterdir())
-                 if d.is_dir() and (d / "DONE.json").is_file() and (d / "lora" / LORA_FILE).is_file()}
+                 if d.is_dir() and RelationFolder(d).done.is_file() and RelationFolder(d).lora_weights.is_file()}
         if not found:
             raise ValueError(f"{run_dir} holds no finished relation (<relation>/DONE.json and "
                              f"<relation>/lora/{LORA_FILE})")
         return found
     out = {}
     for name in dict.fromkeys(relations):
-        for needed in (run_dir / name / "DONE.json", run_dir / name / "lora" / LORA_FILE):
+        for needed in (RelationFolder.of(run_dir, name).done, RelationFolder.of(run_dir, name).lora_weights):
             if not needed.is_file():
                 raise ValueError(f"relation {name!r} of run {run_dir} is not finished: {needed} is missing")
         out[name] = run_dir / name
@@ -103,15 +105,12 @@ def run_relations(run_dir: str | Path, relations: Sequence[str] | None = None) -
 def training_dataset_dir(cfg) -> Path:
     """The dataset folder a run read: the synthetic dataset of its settings, or `data.source`."""
     if cfg.data.source == "synthetic":
-        from dr_train.data.sources import synthetic_dataset_dir
         return synthetic_dataset_dir(cfg)
     return Path(cfg.data.source)
 
 
 def training_clip_size(cfg) -> tuple[int, int, int] | None:
     """(frames, height, width) of the run's training clips from its dataset manifest; None if it is not there."""
-    from dr_train.data.shards import load_manifest
-
     try:
         video = load_manifest(training_dataset_dir(cfg))["video"]
         return int(video["frames"]), int(video["height"]), int(video["width"])
@@ -134,10 +133,8 @@ class SamplerSettings:
     def check(self) -> "SamplerSettings":
         if self.steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
-        if self.num_frames < 1 or (self.num_frames - 1) % 6:
-            raise ValueError(f"num_frames must be 1 + 6k (Mochi's VAE), got {self.num_frames}")
-        if self.height < 16 or self.width < 16 or self.height % 16 or self.width % 16:
-            raise ValueError(f"height and width must be positive multiples of 16, got {self.height}x{self.width}")
+        check_frames(self.num_frames, "num_frames")
+        check_size(self.height, self.width)
         if self.fps <= 0 or self.guidance_scale < 0:
             raise ValueError(f"fps must be > 0 and guidance_scale >= 0, got {self.fps}, {self.guidance_scale}")
         return self
@@ -275,21 +272,20 @@ def item_complete(out: Path, item: GenerationItem, request: dict) -> bool:
 def _write_item(out: Path, item: GenerationItem, request: dict, frames: np.ndarray, seconds: float,
                 device: str) -> None:
     final = out / item.folder
-    if final.parent.is_dir():                 # temporary folders of this item left by a killed process
+    if final.parent.is_dir():                 # temporary folders of this item left by a killed process (atomic_path)
         for stale in final.parent.glob(f".{final.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    write_outputs(frames, tmp, request["fps"])
-    meta = {"request": request, "relation": item.relation, "kind": item.kind, "prompt_index": item.prompt_index,
-            "prompt": item.prompt, "seed": item.seed, "lora": item.lora, "sampler": SAMPLER,
-            "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
-            "video": "video.mp4", "keyframes": "keyframes.png", "frames_sha256": frames_sha256(frames),
-            "seconds": round(seconds, 3), "device": device}
-    (tmp / "generation.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        write_outputs(frames, tmp, request["fps"])
+        meta = {"request": request, "relation": item.relation, "kind": item.kind, "prompt_index": item.prompt_index,
+                "prompt": item.prompt, "seed": item.seed, "lora": item.lora, "sampler": SAMPLER,
+                "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+                "video": "video.mp4", "keyframes": "keyframes.png", "frames_sha256": frames_sha256(frames),
+                "seconds": round(seconds, 3), "device": device}
+        (tmp / "generation.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
 
 
 def generate_group(out: str, preset: str, settings: SamplerSettings, lora: str | None, items: list[GenerationItem],
@@ -301,7 +297,6 @@ def generate_group(out: str, preset: str, settings: SamplerSettings, lora: str |
 
 def base_model_name(preset: str) -> str:
     """How generation.json names the base model (as `load_mochi` does)."""
-    from dr_train.model.loading import PRESETS
     return preset if preset in PRESETS else str(Path(preset))
 
 
@@ -354,29 +349,18 @@ def _ray_gpus() -> int:
     machine has CUDA GPUs; 0 without Ray or GPUs (Ray is then not started)."""
     if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
         return 0
-    try:
-        import ray
-    except ImportError:
+    if not fanout.ray_importable():
         log.warning("ray is not installed (pip install -e .[ray]): generating in this process")
         return 0
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
-    return int(ray.cluster_resources().get("GPU", 0))
+    fanout.connect()
+    return fanout.cluster_gpus()
 
 
 def _run_with_ray(out: Path, preset: str, settings: SamplerSettings, groups: dict, vae_tiling: bool, bar) -> int:
     """One Ray task per group (one relation's LoRA, or the base model), each on one GPU."""
-    import ray
-
-    task = ray.remote(num_gpus=RAY_GPUS_PER_TASK)(generate_group)
-    futures = {task.remote(str(out), preset, settings, lora, items, vae_tiling): len(items)
-               for lora, items in groups.items()}
-    made, waiting = 0, list(futures)
-    while waiting:
-        done, waiting = ray.wait(waiting, num_returns=1)
-        made += ray.get(done[0])
-        bar.update(futures[done[0]])
-    return made
+    jobs = [((str(out), preset, settings, lora, items, vae_tiling), len(items)) for lora, items in groups.items()]
+    return sum(fanout.run_tasks(generate_group, jobs, num_gpus=RAY_GPUS_PER_TASK,
+                                on_done=lambda made, n: bar.update(n)))
 
 
 def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
@@ -397,10 +381,6 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
     videos. batch_size: videos sampled together (each from its own seeded noise; more is faster where memory
     allows). Returns the index (with `generated` and `skipped` counts of this call).
     """
-    from tqdm.auto import tqdm
-
-    from dr_train.catalog import catalog_for
-
     if not (include_lora or include_base):
         raise ValueError("nothing to generate: include_lora and include_base are both off")
     run_dir = Path(run_dir)
@@ -431,8 +411,8 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
         if name not in catalog:
             raise ValueError(f"relation {name!r} of {run_dir} is not in its catalog "
                              f"{configs[name].data.catalog or 'datasets/relations.yaml'}")
-        lora = folder / "lora"
-        digest = sha256_file(lora / LORA_FILE)
+        lora = RelationFolder(folder).lora
+        digest = sha256_file(RelationFolder(folder).lora_weights)
         for index, prompt in enumerate(relation_prompts(catalog[name], prompts, num_prompts)):
             for seed in seeds:
                 leaf = f"{index:02d}_s{seed}"
@@ -476,21 +456,14 @@ def write_index(out: Path, run_dir: Path, preset: str, settings: SamplerSettings
              "prompts": prompts if isinstance(prompts, str) else list(prompts), "num_prompts": num_prompts,
              "seeds": seeds, "relations": sorted({i.relation for i in items}),
              "include_base": any(i.kind == "base" for i in items), "videos": len(rows), "items": rows}
-    tmp = out / f".{INDEX}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out / INDEX)
+    atomic_write_text(out / INDEX, json.dumps(index, indent=1))
     return index
 
 
 def load_index(videos_dir: str | Path) -> dict:
     """A batch's index.json; ValueError naming the file when it is missing or malformed."""
     path = Path(videos_dir) / INDEX
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: generate the videos first (launch/generate.py --run RUN)")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    index = read_json(path, missing="generate the videos first (launch/generate.py --run RUN)")
     if not isinstance(index, dict) or not isinstance(index.get("items"), list) or "settings" not in index:
         raise ValueError(f"{path} is not a batch index written by generate_batch")
     return index
@@ -566,7 +539,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from dr_train.runtime import quiet_library_noise
 
     quiet_library_noise()
     if (a.prompt is None) == (a.run is None):
@@ -574,8 +546,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if a.prompt is not None:
-            from dr_train.config import ModelConfig
-
             preset = a.preset or ModelConfig().preset
             steps, guidance, _ = sampler_defaults(preset, a.steps, a.guidance_scale, 1)
             clip = PRESET_CLIP.get(preset, PAPER_CLIP)

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dr_train.geometry import SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -28,8 +30,8 @@ def sorted_frame_files(folder: str | Path, suffixes: tuple[str, ...] = (".png", 
 POOLINGS = ("mean", "max")
 
 
-def latent_masks(mask_FHW: torch.Tensor, temporal_compression: int = 6, spatial_compression: int = 8,
-                 pooling: str = "mean") -> torch.Tensor:
+def latent_masks(mask_FHW: torch.Tensor, temporal_compression: int = TEMPORAL_COMPRESSION,
+                 spatial_compression: int = SPATIAL_COMPRESSION, pooling: str = "mean") -> torch.Tensor:
     """(F, H, W) masks in [0, 1] -> (F', H', W') with F' = 1 + (F - 1) / temporal_compression.
 
     Latent frame 0 is video frame 0; latent frame k >= 1 is the mean of video frames t(k-1)+1 ... tk, as Mochi's

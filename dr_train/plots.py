@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -14,9 +15,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only here
 
     rows = read_metrics(metrics_path)
     if not rows:
@@ -59,8 +60,6 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
 
 def keyframe_grid(frames_FHWC: np.ndarray, png_path: Path, count: int = 5) -> Path:
     """`count` evenly spaced frames (first and last included), side by side, as one PNG."""
-    from PIL import Image
-
     frames = np.asarray(frames_FHWC)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames (F, H, W, 3), got {frames.shape}")

@@ -1,8 +1,11 @@
 """Precision and determinism of one process (ranks, devices and DeepSpeed live in dr_train/distributed.py)."""
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -41,9 +44,6 @@ LIBRARY_NOISE = (
 
 def quiet_library_noise() -> None:
     """Keep the library warnings in LIBRARY_NOISE off the console (entry points call this once)."""
-    import logging
-    import warnings
-
     for pattern in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("diffusers", "transformers", "peft"):
@@ -52,7 +52,5 @@ def quiet_library_noise() -> None:
 
 class _NoiseFilter:
     def filter(self, record) -> bool:
-        import re
-
         message = record.getMessage()
         return not any(re.match(pattern, message, re.DOTALL) for pattern in LIBRARY_NOISE)

@@ -10,27 +10,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+import kernels
 from dr_train import checkpoint as ckpt
 from dr_train.catalog import Relation, catalog_for, select_relations
 from dr_train.config import Config
-from dr_train.distributed import Dist, build_engine, init_distributed, make_optimizer, shutdown, uses_deepspeed
-from dr_train.data.loader import ShardStream
+from dr_train.data.loader import Batch, ShardStream
 from dr_train.data.shards import load_manifest
 from dr_train.data.sources import check_dataset_matches_model, resolve_dataset
-from dr_train.hmt import HybridMaskTraining
+from dr_train.distributed import Dist, build_engine, init_distributed, shutdown, uses_deepspeed
+from dr_train.experiment import WandbRun
 from dr_train.export import export_lora, training_card, validation_keyframes
-from dr_train.lora import (adapter_names, adapter_parameters, adapter_state_dict, add_relation_lora_triplet,
-                           load_adapter_state_dict, lora_named_parameters, resolve_placement, set_active_adapters)
-import kernels
-from dr_train.losses import noisy_latents, official_relational_contrastive_loss, relational_contrastive_loss
-from dr_train.memory_bank import MemoryBank, OfficialMemoryBank
+from dr_train.io import truncate_metrics
+from dr_train.method.contrastive_loss import global_relational_contrastive_loss
+from dr_train.method.flow_matching_loss import noisy_latents
+from dr_train.method.hybrid_mask_training import HybridMaskTraining, make_optimizer
+from dr_train.method.memory_bank import MemoryBank, OfficialMemoryBank
+from dr_train.method.triplet import (adapter_names, adapter_parameters, adapter_state_dict, add_relation_lora_triplet,
+                                     load_adapter_state_dict, lora_named_parameters, resolve_placement,
+                                     set_active_adapters)
 from dr_train.model import MochiComponents, load_mochi
 from dr_train.orchestrate import records
-from dr_train.plots import plot_loss_curve
+from dr_train.plots import plot_loss_curve, read_metrics
 from dr_train.profiling import PhaseTimer
+from dr_train.run_folder import RelationFolder
 from dr_train.runtime import autocast_context, set_determinism
+from dr_train.validation import Validator, resolve_every
 
 log = logging.getLogger("dr_train")
 
@@ -90,9 +97,19 @@ class RelationRun:
         null_embed, null_mask = self.stream.null_text
         self.null_embed, self.null_mask = torch.from_numpy(null_embed), torch.from_numpy(null_mask)
         self.step = 0
-        self.checkpoint_dir = out_dir / "checkpoints"
-        self.metrics_path = out_dir / "metrics.jsonl"
+        self.folder = RelationFolder(out_dir)
+        self.checkpoint_dir, self.metrics_path = self.folder.checkpoints, self.folder.metrics
         self.last_checkpoint: Path | None = None
+        self.restoring: Path | None = None     # the checkpoint being loaded, for the parts' messages
+        self.checkpoints = ckpt.CheckpointManager(self.checkpoint_dir, keep=cfg.train.keep_checkpoints)
+        self.checkpoints.register("adapters", _AdapterPart(self), tensors="adapters")
+        self.checkpoints.register("optimizer", _OptimizerPart(self), tensors="optimizer", state="optimizer")
+        self.checkpoints.register("scheduler", self.scheduler, state="scheduler")
+        self.checkpoints.register("rng", ckpt.RngStreams(hmt=self.hmt.generator, noise=self.noise_gen, torch=None),
+                                  tensors="rng")
+        self.checkpoints.register("memory_bank", _BankPart(self), tensors="memory_bank",
+                                  state="memory_bank")
+        self.checkpoints.register("data", self.stream, state="data")
 
     def _engine(self):
         if self.engine is None:
@@ -106,53 +123,29 @@ class RelationRun:
     def _local(self, draw, shape_rest: tuple = ()) -> torch.Tensor:
         """A draw of this step's random numbers for the whole global batch, and this rank's rows of it: the same
         numbers a one-rank run with the global batch draws, whatever the rank count."""
-        b, r = self.cfg.train.batch_size, self.dist.rank
-        return draw((b * self.dist.world_size, *shape_rest), generator=self.noise_gen)[r * b:(r + 1) * b]
+        b = self.cfg.train.batch_size
+        return draw((b * self.dist.world_size, *shape_rest), generator=self.noise_gen)[self.dist.local_rows(b)]
 
-    def _text(self, batch: dict):
+    def _text(self, batch: Batch):
         """The batch's prompt embeddings, each replaced by the empty prompt with probability caption_dropout."""
-        embeds, mask = batch["text_embed"], batch["text_mask"]
+        embeds, mask = batch.text_embed, batch.text_mask
         drop = self._local(torch.rand) < self.cfg.data.caption_dropout
         embeds = torch.where(drop[:, None, None], self.null_embed[None], embeds)
         mask = torch.where(drop[:, None], self.null_mask[None], mask)
         return embeds.to(self.device), mask.to(self.device)
 
-    def _contrastive(self, video_ids: list[str], frame_means, dynamics):
-        """RCL over the global batch: every rank samples positives/negatives for all anchors from the same bank
-        (identical on every rank) and keeps its own rows; gradients flow through the local anchors (and, in the
-        official variant, through the clip's own frame features, its first negatives)."""
-        ids = [v for part in self.dist.all_gather_objects(video_ids) for v in part]
-        dyn_all = self.dist.all_gather_cat(dynamics.detach())
-        means_all = self.dist.all_gather_cat(frame_means.detach())
-        b, r, tau = dynamics.shape[0], self.dist.rank, self.cfg.loss.temperature
-        rows = slice(r * b, (r + 1) * b)
-        loss = None
-        if self.cfg.loss.rcl_variant == "official":
-            picks, skipped = self.bank.sample(ids, dyn_all, means_all)
-            if picks is not None:
-                # clips without a positive yet add nothing; dividing by the batch keeps ranks = one global batch
-                terms = [official_relational_contrastive_loss(dynamics[i], frame_means[i], *pick, tau)
-                         for i, pick in enumerate(picks[rows]) if pick is not None]
-                loss = sum(terms) / b if terms else dynamics.sum() * 0.0
-        else:
-            positives, negatives, skipped = self.bank.sample(ids, dyn_all, means_all)
-            if positives is not None:
-                loss = relational_contrastive_loss(dynamics, positives[rows], negatives[rows], tau)
-        return loss, skipped, (ids, dyn_all, means_all)
-
-    def micro_step(self, batch: dict, selection: str) -> dict:
+    def micro_step(self, batch: Batch, selection: str) -> dict:
         cfg, dev, phase, engine = self.cfg, self.device, self.timer.phase, self._engine()
         with phase("data"):
-            mean = batch["latents_mean"]
-            std = torch.exp(0.5 * batch["latents_logvar"])
+            mean = batch.latents_mean
+            std = torch.exp(0.5 * batch.latents_logvar)
             z0 = (mean + std * self._local(torch.randn, mean.shape[1:])).to(dev)
             noise = self._local(torch.randn, mean.shape[1:]).to(dev)
             sigma = self._local(torch.rand).to(dev)
             text, text_mask = self._text(batch)
             z_sigma, target, timestep = noisy_latents(z0, noise, sigma)
-            pooled = "_maxpool" if cfg.loss.mode == "official" else ""     # the official code's mask resize
-            mask = self.hmt.loss_mask(selection, batch[f"mask_subject1{pooled}"].to(dev),
-                                      batch[f"mask_subject2{pooled}"].to(dev), cfg.loss.mode)
+            mask1, mask2 = batch.subject_masks(pooled=cfg.loss.mode == "official")   # the official code's resize
+            mask = self.hmt.loss_mask(selection, mask1.to(dev), mask2.to(dev), cfg.loss.mode)
         dtype = self.transformer.dtype
         with phase("forward"), autocast_context(dev, cfg.train.mixed_precision):
             pred = engine.forward(hidden_states=z_sigma.to(dtype), encoder_hidden_states=text.to(dtype),
@@ -162,23 +155,24 @@ class RelationRun:
             loss_rcl, skipped, pushed = None, None, None
             if cfg.loss.rcl_weight > 0:
                 frame_means, dynamics = kernels.relation_features(pred)
-                loss_rcl, skipped, pushed = self._contrastive(batch["video_ids"], frame_means, dynamics)
+                loss_rcl, skipped, pushed = global_relational_contrastive_loss(
+                    self.dist, self.bank, cfg.loss, batch.video_ids, frame_means, dynamics)
             loss = loss_rec if loss_rcl is None else loss_rec + cfg.loss.rcl_weight * loss_rcl
             values = {"loss": self.dist.mean(loss.item()), "loss_rec": self.dist.mean(loss_rec.item()),
                       "loss_rcl": None if loss_rcl is None else self.dist.mean(loss_rcl.item())}
             if not math.isfinite(values["loss"]):
                 raise NonFiniteLossError(
                     f"relation {self.relation.name}, step {self.step + 1}: loss is {values['loss']} (rec "
-                    f"{values['loss_rec']}, rcl {values['loss_rcl']}) on videos {batch['video_ids']}; weights "
+                    f"{values['loss_rec']}, rcl {values['loss_rcl']}) on videos {batch.video_ids}; weights "
                     f"were not updated. Last checkpoint: {self.last_checkpoint}")
         with phase("backward"):
             engine.backward(loss)
         if pushed is not None:
             self.bank.push(*pushed)
         return {**values, "rcl_skipped": skipped, "sigma": self.dist.mean(sigma.mean().item()),
-                "videos": [v for part in self.dist.all_gather_objects(batch["video_ids"]) for v in part]}
+                "videos": self.dist.gather_flat(batch.video_ids)}
 
-    def next_batch(self) -> dict:
+    def next_batch(self) -> Batch:
         with self.timer.phase("data"):
             return self.stream.next_batch()
 
@@ -223,72 +217,11 @@ class RelationRun:
             p.requires_grad_(True)          # HMT's freezing is re-applied at the next step
         return params
 
-    def _optimizer_state(self) -> tuple[dict, dict]:
-        """Full (unsharded) AdamW state per LoRA parameter, keyed '<param name>/<exp_avg|exp_avg_sq|step>'."""
-        engine = self._engine()
-        engine.link_states()
-        tensors = {}
-        for index, params in enumerate(self.params_by_adapter.values()):
-            step = engine.group_step(index)
-            for p in params:
-                name = self.param_names[p]
-                for key in ("exp_avg", "exp_avg_sq"):
-                    value = engine.full_state(p, key) if step is not None else None
-                    if value is not None:
-                        tensors[f"{name}/{key}"] = value.detach().float().cpu().contiguous()
-                if step is not None:
-                    tensors[f"{name}/step"] = torch.tensor(step)
-        groups = [{k: v for k, v in g.items() if k not in ("params", "active")} for g in self.optimizer.param_groups]
-        return tensors, {"param_groups": groups}
-
-    def _load_optimizer_state(self, tensors: dict, meta: dict, source: str) -> None:
-        engine = self._engine()
-        names = {n: p for p, n in self.param_names.items()}
-        unknown = sorted({k.rpartition("/")[0] for k in tensors} - set(names))
-        if unknown:
-            raise ValueError(f"{source}: optimizer state for unknown parameters {unknown[:3]}")
-        saved_groups = meta["param_groups"]
-        if [g.get("adapter") for g in saved_groups] != list(self.params_by_adapter):
-            raise ValueError(f"{source}: optimizer groups {[g.get('adapter') for g in saved_groups]} do not match "
-                             f"the adapters {list(self.params_by_adapter)}")
-        for group, saved in zip(self.optimizer.param_groups, saved_groups):
-            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
-        for index, params in enumerate(self.params_by_adapter.values()):
-            steps = [tensors.get(f"{self.param_names[p]}/step") for p in params]
-            if steps[0] is not None:
-                engine.load_group_step(index, float(steps[0]))
-        engine.link_states()
-        for p in self._all_trainable():
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = tensors.get(f"{self.param_names[p]}/{key}")
-                if value is not None:
-                    engine.load_full_state(p, key, value)
-
     def save(self) -> Path:
-        """Every rank takes part (ZeRO gathers); rank 0 writes."""
-        engine = self._engine()
-        params = self._all_trainable()
-        with engine.gathered(params):
-            adapters = adapter_state_dict(self.transformer)
-        opt_tensors, opt_meta = self._optimizer_state()
-        bank_tensors, bank_meta = self.bank.state_dict()
-        bank_digest = _digest(bank_tensors, bank_meta["video_ids"])
-        self.dist.check_same(bank_digest, f"the memory bank at step {self.step}")
-        tensors = {
-            "adapters": adapters,
-            "optimizer": opt_tensors,
-            "rng": {"hmt": self.hmt.state_dict()["generator"], "noise": self.noise_gen.get_state(),
-                    "torch": torch.get_rng_state()},
-            "memory_bank": bank_tensors,
-        }
-        state = {"step": self.step, "identity": self._identity(), "optimizer": opt_meta,
-                 "scheduler": self.scheduler.state_dict(), "data": self.stream.state_dict(),
-                 "memory_bank": bank_meta | {"sha256": bank_digest}, "config": self.cfg.to_dict(),
-                 "world_size": self.dist.world_size}
-        path = self.checkpoint_dir / f"step-{self.step:08d}"
-        if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, state,
-                                        keep=self.cfg.train.keep_checkpoints)
+        """Every rank takes part (ZeRO gathers, the bank's cross-rank check); rank 0 writes."""
+        self._engine()
+        path = self.checkpoints.save(self.step, {"identity": self._identity(), "config": self.cfg.to_dict(),
+                                                 "world_size": self.dist.world_size}, write=self.dist.is_main)
         self.dist.barrier()
         self.last_checkpoint = path
         return path
@@ -296,24 +229,16 @@ class RelationRun:
     def resume(self, path: Path) -> None:
         """Load a checkpoint written by any number of ranks and any ZeRO stage (before the engine exists)."""
         assert self.engine is None or self.cfg.distributed.zero_stage == 0, "resume before the first step"
-        tensors, state = ckpt.load_checkpoint(path)
+        tensors, state = self.checkpoints.read(path)
         if state.get("identity") != self._identity():
             raise ValueError(f"checkpoint {path / 'state.json'} was written for {state.get('identity')}, which does "
                              f"not match this run ({self._identity()})")
-        load_adapter_state_dict(self.transformer, tensors["adapters"], str(path / "adapters.safetensors"))
-        self._load_optimizer_state(tensors["optimizer"], state["optimizer"], str(path / "optimizer.safetensors"))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.hmt.load_state_dict({"generator": tensors["rng"]["hmt"]})
-        self.noise_gen.set_state(tensors["rng"]["noise"])
-        torch.set_rng_state(tensors["rng"]["torch"])
-        self.bank.load_state_dict(tensors["memory_bank"], state["memory_bank"])
-        self.stream.load_state_dict(state["data"])
+        self.restoring = path
+        self.checkpoints.restore(tensors, state, path)
         self.step = int(state["step"])
         self.last_checkpoint = path
-        # metrics after the checkpoint belong to steps that will be redone
-        if self.dist.is_main and self.metrics_path.is_file():
-            kept = [l for l in self.metrics_path.read_text().splitlines() if _metric_step(l) <= self.step]
-            self.metrics_path.write_text("".join(l + "\n" for l in kept))
+        if self.dist.is_main:           # metrics after the checkpoint belong to steps that will be redone
+            truncate_metrics(self.metrics_path, self.step)
         self.dist.barrier()
 
     def close(self) -> None:
@@ -323,24 +248,95 @@ class RelationRun:
         self.transformer.delete_adapters(self.adapters)
 
 
+class _AdapterPart:
+    """Every adapter's full weights (gathered under ZeRO-3)."""
+
+    def __init__(self, run: RelationRun):
+        self.run = run
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        with self.run._engine().gathered(self.run._all_trainable()):
+            return adapter_state_dict(self.run.transformer)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_adapter_state_dict(self.run.transformer, tensors, str(self.run.restoring / "adapters.safetensors"))
+
+
+class _OptimizerPart:
+    """Full (unsharded) AdamW state per LoRA parameter, keyed '<param name>/<exp_avg|exp_avg_sq|step>', and the
+    parameter groups' hyper-parameters."""
+
+    def __init__(self, run: RelationRun):
+        self.run = run
+
+    def state_dict(self) -> tuple[dict, dict]:
+        run = self.run
+        engine = run._engine()
+        engine.link_states()
+        tensors = {}
+        for index, params in enumerate(run.params_by_adapter.values()):
+            step = engine.group_step(index)
+            for p in params:
+                name = run.param_names[p]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = engine.full_state(p, key) if step is not None else None
+                    if value is not None:
+                        tensors[f"{name}/{key}"] = value.detach().float().cpu().contiguous()
+                if step is not None:
+                    tensors[f"{name}/step"] = torch.tensor(step)
+        groups = [{k: v for k, v in g.items() if k not in ("params", "active")} for g in run.optimizer.param_groups]
+        return tensors, {"param_groups": groups}
+
+    def load_state_dict(self, state: tuple[dict, dict]) -> None:
+        run, (tensors, meta) = self.run, state
+        source = str(run.restoring / "optimizer.safetensors")
+        engine = run._engine()
+        names = {n: p for p, n in run.param_names.items()}
+        unknown = sorted({k.rpartition("/")[0] for k in tensors} - set(names))
+        if unknown:
+            raise ValueError(f"{source}: optimizer state for unknown parameters {unknown[:3]}")
+        saved_groups = meta["param_groups"]
+        if [g.get("adapter") for g in saved_groups] != list(run.params_by_adapter):
+            raise ValueError(f"{source}: optimizer groups {[g.get('adapter') for g in saved_groups]} do not match "
+                             f"the adapters {list(run.params_by_adapter)}")
+        for group, saved in zip(run.optimizer.param_groups, saved_groups):
+            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+        for index, params in enumerate(run.params_by_adapter.values()):
+            steps = [tensors.get(f"{run.param_names[p]}/step") for p in params]
+            if steps[0] is not None:
+                engine.load_group_step(index, float(steps[0]))
+        engine.link_states()
+        for p in run._all_trainable():
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = tensors.get(f"{run.param_names[p]}/{key}")
+                if value is not None:
+                    engine.load_full_state(p, key, value)
+
+
+class _BankPart:
+    """The memory bank, with a digest every rank must agree on (the bank is replicated, never sharded)."""
+
+    def __init__(self, run: RelationRun):
+        self.run = run
+
+    def state_dict(self) -> tuple[dict, dict]:
+        tensors, meta = self.run.bank.state_dict()
+        digest = _digest(tensors, meta["video_ids"])
+        self.run.dist.check_same(digest, f"the memory bank at step {self.run.step}")
+        return tensors, meta | {"sha256": digest}
+
+    def load_state_dict(self, state: tuple[dict, dict]) -> None:
+        self.run.bank.load_state_dict(*state)
+
+
 def _final_losses(metrics_path: Path, last: int = 20) -> dict:
     """Mean of each loss over the relation's last `last` logged steps (what the end-of-run table shows)."""
-    from dr_train.plots import read_metrics
-
     rows = read_metrics(metrics_path)[-last:]
     out = {}
     for key in ("loss", "loss_rec", "loss_rcl"):
         values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
     return out
-
-
-def _metric_step(line: str) -> float:
-    """The step of a metrics.jsonl line; a torn line (a crash mid-write) sorts after every step, so it is dropped."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
 
 
 def _digest(tensors: dict[str, torch.Tensor], ids: list[str]) -> str:
@@ -357,15 +353,14 @@ def _prepare_output(run: RelationRun, resume: bool) -> None:
     run.dist.barrier()                  # every rank has looked before any rank changes the folder
     if resume and existing:
         run.resume(existing[-1])
-        if run.dist.is_main:
-            log.info("%s: resumed from %s (step %d)", run.relation.name, existing[-1], run.step)
+        run.dist.info0("%s: resumed from %s (step %d)", run.relation.name, existing[-1], run.step)
         return
     if existing or (had_metrics and not resume):
         raise ValueError(f"{run.out_dir} already holds a run of {run.relation.name}; pass --resume to continue "
                          f"it or choose another --output-dir")
     if had_metrics and run.dist.is_main:
         log.info("%s: no checkpoint to resume from; restarting from step 0", run.relation.name)
-        run.metrics_path.unlink()
+        run.metrics_path.unlink()           # main rank only: one rank removes, all ranks looked before
     run.out_dir.mkdir(parents=True, exist_ok=True)
     run.dist.barrier()
 
@@ -378,11 +373,9 @@ class _MainOnly:
 
     def __init__(self, run: RelationRun, cfg: Config, position: tuple[int, int] = (1, 1), overall=None):
         self.run, self.cfg, self.main, self.overall = run, cfg, run.dist.is_main, overall
-        self.writer = _tensorboard(run.out_dir) if self.main else None
+        self.writer = _tensorboard(run.folder.tensorboard) if self.main else None
         self.wandb = None
         if self.main and cfg.log.wandb:
-            from dr_train.experiment import WandbRun
-
             self.wandb = WandbRun(cfg, run.relation.name, run.out_dir)
         self.metrics = run.metrics_path.open("a") if self.main else None
         i, n = position
@@ -422,8 +415,6 @@ class _MainOnly:
             return
         name = self.run.relation.name
         if self.writer is not None:
-            from PIL import Image
-
             for item in items:
                 image = np.asarray(Image.open(item["keyframes"]).convert("RGB"))
                 self.writer.add_image(f"{name}/validation/{item['index']:02d}_s{item['seed']}", image, step,
@@ -451,73 +442,86 @@ def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, dist
                    validator=None, position: tuple[int, int] = (1, 1), overall=None) -> dict:
     """Train one relation (resuming per train.resume), validate every validation.every steps, export; `position`
     (i, n) is its place in the launch and `overall` the launch's progress bar (steps of every relation)."""
-    from dr_train.validation import resolve_every
-
-    out_dir = Path(cfg.train.output_dir) / relation.name
-    run = RelationRun(cfg, comps, relation, out_dir, dist, dataset)
-    every = resolve_every(cfg) if validator is not None else 0
+    folder = RelationFolder.of(cfg.train.output_dir, relation.name)
+    run = RelationRun(cfg, comps, relation, folder.path, dist, dataset)
     try:
         _prepare_output(run, cfg.train.resume)
         if dist.is_main:
-            (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            folder.config.write_text(json.dumps(cfg.to_dict(), indent=1))
         started = time.perf_counter()
-        outputs = _MainOnly(run, cfg, position, overall)
-        if overall is not None:
-            overall.set_description(f"relation {position[0]}/{position[1]}")
-        validation_seconds, last = 0.0, {}
-        try:
-            while run.step < cfg.train.max_steps:
-                record = run.train_step()
-                if every and (run.step % every == 0 or run.step == cfg.train.max_steps):
-                    scalars, videos = validator.run(run, run.step)
-                    record |= scalars
-                    outputs.videos(videos, run.step)
-                    validation_seconds += record["validation_seconds"]
-                    last = {k: record[k] for k in VALIDATION_SCALARS if record.get(k) is not None}
-                outputs.record(record)
-                if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.max_steps:
-                    run.save()
-        finally:
-            outputs.close()
-            outputs.summary()
+        last, validation_seconds = _train_loop(run, validator, position, overall)
         wall = time.perf_counter() - started
-        if validation_seconds and dist.is_main:
-            log.info("%s: validation took %.1f s, %.1f %% of the relation's training time", relation.name,
-                     validation_seconds, 100.0 * validation_seconds / max(wall, 1e-9))
-        params = run._all_trainable()
+        if validation_seconds:
+            dist.info0("%s: validation took %.1f s, %.1f %% of the relation's training time", relation.name,
+                       validation_seconds, 100.0 * validation_seconds / max(wall, 1e-9))
         result = {"relation": relation.name, "steps": run.step, "status": "finished", "wall_seconds": wall,
                   "checkpoint": str(run.last_checkpoint), "world_size": dist.world_size,
                   "final": _final_losses(run.metrics_path) if dist.is_main else {}, **last}
-        # a placement without some of the export adapters (w/o relation, w/o FFN) exports the ones it has
-        exported = [a for a in cfg.lora.export_adapters if a in run.adapters]
-        if cfg.train.export and not exported and dist.is_main:
-            log.warning("%s: none of lora.export_adapters %s is in this placement: nothing exported",
-                        relation.name, cfg.lora.export_adapters)
-        with run._engine().gathered(params):
-            if dist.is_main and cfg.train.export and exported:
-                paths = export_lora(
-                    comps.transformer, out_dir / "lora", exported, formats=cfg.train.export_formats,
-                    metadata={"relation": relation.name, "prompt": relation.prompt, "base_model": comps.source,
-                              "steps": run.step, **run._identity()["lora"]},
-                    card=training_card(cfg.to_dict(), validation_keyframes(out_dir, run.step)))
-                result["lora"] = str(paths.get("diffusers", paths.get("comfyui")))
-                result["lora_files"] = {k: str(v) for k, v in paths.items()}
+        result |= _export(run)
         if dist.is_main:
-            plot_loss_curve(run.metrics_path, out_dir / "loss_curve.png", title=relation.name)
-            (out_dir / "DONE.json").write_text(json.dumps(result, indent=1))
+            plot_loss_curve(run.metrics_path, folder.loss_curve, title=relation.name)
+            folder.done.write_text(json.dumps(result, indent=1))
         dist.barrier()
         return result
     finally:
         run.close()
 
 
-def _tensorboard(out_dir: Path):
+def _train_loop(run: RelationRun, validator, position: tuple[int, int], overall) -> tuple[dict, float]:
+    """Steps until train.max_steps, validating and checkpointing on schedule; returns the last validation
+    scalars and the seconds validation took."""
+    cfg = run.cfg
+    every = resolve_every(cfg) if validator is not None else 0
+    outputs = _MainOnly(run, cfg, position, overall)
+    if overall is not None:
+        overall.set_description(f"relation {position[0]}/{position[1]}")
+    validation_seconds, last = 0.0, {}
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        while run.step < cfg.train.max_steps:
+            record = run.train_step()
+            if every and (run.step % every == 0 or run.step == cfg.train.max_steps):
+                scalars, videos = validator.run(run, run.step)
+                record |= scalars
+                outputs.videos(videos, run.step)
+                validation_seconds += record["validation_seconds"]
+                last = {k: record[k] for k in VALIDATION_SCALARS if record.get(k) is not None}
+            outputs.record(record)
+            if run.step % cfg.train.checkpoint_every == 0 or run.step == cfg.train.max_steps:
+                run.save()
+    finally:
+        outputs.close()
+        outputs.summary()
+    return last, validation_seconds
+
+
+def _export(run: RelationRun) -> dict:
+    """Write the inference LoRA (every rank joins the ZeRO gather, the main rank writes); its paths for DONE.json."""
+    cfg, dist, relation = run.cfg, run.dist, run.relation
+    # a placement without some of the export adapters (w/o relation, w/o FFN) exports the ones it has
+    exported = [a for a in cfg.lora.export_adapters if a in run.adapters]
+    if cfg.train.export and not exported:
+        dist.warning0("%s: none of lora.export_adapters %s is in this placement: nothing exported",
+                      relation.name, cfg.lora.export_adapters)
+    out = {}
+    with run._engine().gathered(run._all_trainable()):
+        if dist.is_main and cfg.train.export and exported:
+            paths = export_lora(
+                run.transformer, run.folder.lora, exported, formats=cfg.train.export_formats,
+                metadata={"relation": relation.name, "prompt": relation.prompt, "base_model": run.comps.source,
+                          "steps": run.step, **run._identity()["lora"]},
+                card=training_card(cfg.to_dict(), validation_keyframes(run.folder.path, run.step)))
+            out["lora"] = str(paths.get("diffusers", paths.get("comfyui")))
+            out["lora_files"] = {k: str(v) for k, v in paths.items()}
+    return out
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # deferred: tensorboard is optional
     except ImportError:
         log.warning("tensorboard is not installed: no TensorBoard logs")
         return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
+    return SummaryWriter(str(folder))
 
 
 def _plan(cfg: Config, relations: list[Relation]) -> dict[str, str]:
@@ -549,15 +553,8 @@ def train(cfg: Config) -> list[dict]:
         plan = _plan(cfg, relations)
         dist.barrier()                             # every rank has read the DONE files before any is removed
         pending = [r for r in relations if plan[r.name] != "skip"]
-        dataset = None
-        if pending:
-            if dist.is_main:                       # one rank generates/extends the dataset, the others wait
-                dataset = resolve_dataset(cfg, pending)
-            dist.barrier()
-            if not dist.is_main:
-                dataset = resolve_dataset(cfg, pending)
-        from dr_train.validation import Validator, resolve_every
-
+        # one rank generates/extends the dataset, the others then find it
+        dataset = dist.main_first(lambda: resolve_dataset(cfg, pending)) if pending else None
         validate = bool(pending) and resolve_every(cfg) > 0
         comps = load_mochi(cfg.model.preset, cfg.model.dtype, cfg.model.attention_backend,
                            cfg.model.gradient_checkpointing, cfg.model.max_text_tokens,
@@ -577,16 +574,15 @@ def train(cfg: Config) -> list[dict]:
             overall = tqdm(total=remaining, desc=f"relation 1/{len(pending)}", unit="step", position=0,
                            dynamic_ncols=True)
         for relation in relations:
-            done = Path(cfg.train.output_dir) / relation.name / "DONE.json"
+            done = RelationFolder.of(cfg.train.output_dir, relation.name).done
             if plan[relation.name] == "skip":
                 steps = json.loads(done.read_text())["steps"]
                 more = steps < cfg.train.max_steps
-                if dist.is_main:
-                    if more:
-                        log.warning("%s: finished at %d steps, fewer than train.max_steps %d: pass --resume to "
-                                    "extend it from its last checkpoint", relation.name, steps, cfg.train.max_steps)
-                    else:
-                        log.info("%s: already finished (%d steps, %s), skipping", relation.name, steps, done)
+                if more:
+                    dist.warning0("%s: finished at %d steps, fewer than train.max_steps %d: pass --resume to "
+                                  "extend it from its last checkpoint", relation.name, steps, cfg.train.max_steps)
+                else:
+                    dist.info0("%s: already finished (%d steps, %s), skipping", relation.name, steps, done)
                 status = f"skipped (finished at {steps} steps{'; --resume extends it' if more else ''})"
                 results.append(json.loads(done.read_text()) | {"status": status})
                 continue
@@ -601,8 +597,8 @@ def train(cfg: Config) -> list[dict]:
                                           (position, len(pending)), overall))
         if overall is not None:
             overall.close()
-        if dist.is_main and len(relations) > 1:
-            log.info("trained %d relation(s):\n%s", len(pending), summary_table(results))
+        if len(relations) > 1:
+            dist.info0("trained %d relation(s):\n%s", len(pending), summary_table(results))
         return results
     finally:
         shutdown(dist)

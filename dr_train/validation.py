@@ -22,9 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import MochiPipeline
 
 from dr_train.catalog import Relation
 from dr_train.eval import world_scores
+from dr_train.generate import SamplerSettings, sample_videos, write_outputs
+from dr_train.method.triplet import set_active_adapters
 
 log = logging.getLogger("dr_train")
 
@@ -57,16 +60,12 @@ class Validator:
     transformer), the clip size of the training data, the judges where they apply."""
 
     def __init__(self, cfg, comps, clip_size: tuple[int, int, int], dist):
-        from dr_train.generate import SamplerSettings
-
         self.cfg, self.comps, self.dist = cfg, comps, dist
         v = cfg.validation
         self.settings = SamplerSettings(v.num_inference_steps, v.guidance_scale, *clip_size).check()
         self.world = cfg.model.preset == "synth"
 
     def pipeline(self):
-        from diffusers import MochiPipeline
-
         c = self.comps
         pipe = MochiPipeline(scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
                              transformer=c.transformer)
@@ -76,14 +75,11 @@ class Validator:
     def run(self, run, step: int) -> tuple[dict, list[dict]]:
         """Sample, write and judge this rank's share; every rank returns the same (scalars, videos): each video a
         dict of index, seed, prompt, keyframes and video paths (and its world scores)."""
-        from dr_train.generate import sample_videos, write_outputs
-        from dr_train.lora import set_active_adapters
-
         started = time.perf_counter()
         items = validation_items(self.cfg, run.relation)
         mine = items[self.dist.rank::self.dist.world_size]
         rounds = -(-len(items) // self.dist.world_size)           # the longest share: every rank runs as many
-        folder = run.out_dir / "validation" / f"step-{step:08d}"
+        folder = run.folder.validation / f"step-{step:08d}"
         set_active_adapters(self.comps.transformer, [a for a in self.cfg.lora.export_adapters if a in run.adapters])
         scores = []
         pipe = self.pipeline()

@@ -1,6 +1,6 @@
 """Triton kernels for the masked flow-matching loss and the relational-contrastive-loss features.
 
-Public API (same signatures and results as the plain-torch references in `dr_train.losses`):
+Public API (same signatures and results as the plain-torch references in `dr_train.method.flow_matching_loss` and `dr_train.method.contrastive_loss`):
 
     kernels.masked_flow_matching_loss(pred, target, mask, mask_weight=50.0, mode="paper") -> fp32 scalar
     kernels.masked_flow_matching_loss_from_latents(pred, z0, noise, mask, mask_weight=50.0, mode="paper")
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from dr_train.losses.contrastive import relation_features as relation_features_reference
-from dr_train.losses.flow_matching import masked_flow_matching_loss as masked_flow_matching_loss_reference
+from dr_train.method.contrastive_loss import relation_features as relation_features_reference
+from dr_train.method.flow_matching_loss import masked_flow_matching_loss as masked_flow_matching_loss_reference
 from kernels import dispatch
 from kernels.dispatch import BACKENDS, ENV_VAR, get_backend, set_backend, use_backend
 
@@ -56,7 +56,7 @@ def _loss_unsupported(mask, mask_weight) -> str | None:
 
 def masked_flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                               mask_weight: float = 50.0, mode: str = "paper") -> torch.Tensor:
-    """Dispatching `dr_train.losses.masked_flow_matching_loss`: fused Triton loss + gradient, or the reference."""
+    """Dispatching `dr_train.method.flow_matching_loss.masked_flow_matching_loss`: fused Triton loss + gradient, or the reference."""
     tensors = [pred, target, mask]
     if dispatch.select("masked_flow_matching_loss", tensors, _loss_unsupported(mask, mask_weight)) == "triton":
         return _masked_loss.masked_flow_matching_loss_triton(pred, target, mask, mask_weight, mode)
@@ -67,7 +67,7 @@ def masked_flow_matching_loss_from_latents(pred: torch.Tensor, z0: torch.Tensor,
                                            mask: torch.Tensor, mask_weight: float = 50.0,
                                            mode: str = "paper") -> torch.Tensor:
     """`masked_flow_matching_loss(pred, z0 - noise, mask, ...)` without materialising the target on the Triton
-    path (the velocity target of `dr_train.losses.noisy_latents`)."""
+    path (the velocity target of `dr_train.method.flow_matching_loss.noisy_latents`)."""
     tensors = [pred, z0, noise, mask]
     unsupported = _loss_unsupported(mask, mask_weight)
     if unsupported is None and not (pred.shape == z0.shape == noise.shape):
@@ -78,7 +78,7 @@ def masked_flow_matching_loss_from_latents(pred: torch.Tensor, z0: torch.Tensor,
 
 
 def relation_features(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatching `dr_train.losses.relation_features`: one-pass Triton features, or the reference."""
+    """Dispatching `dr_train.method.contrastive_loss.relation_features`: one-pass Triton features, or the reference."""
     if dispatch.select("relation_features", [pred]) == "triton":
         return _relation_features.relation_features_triton(pred)
     return relation_features_reference(pred)

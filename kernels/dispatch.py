@@ -3,7 +3,7 @@
 Setting (first that applies): `set_backend(name)` / `with use_backend(name):`, else the environment variable
 `DR_TRAIN_KERNELS`, else "auto".
 
-- "torch":  always the `dr_train.losses` reference.
+- "torch":  always the `dr_train.method` reference (flow_matching_loss, contrastive_loss).
 - "triton": always the Triton kernel; a `ValueError` when Triton is missing or has no driver for the inputs'
             device (CUDA tensors need a CUDA GPU, CPU tensors need `TRITON_INTERPRET=1`).
 - "auto":   the Triton kernel when the inputs are CUDA tensors and CUDA is available, or when they are CPU tensors
@@ -12,6 +12,9 @@ Setting (first that applies): `set_backend(name)` / `with use_backend(name):`, e
 
 `TRITON_INTERPRET` is read at call time: the kernels are jitted lazily, once per mode (see `LazyKernel`), so a
 test may set it after `kernels` was imported.
+
+This module also holds what every kernel shares (lazy jitting, launch options, tile sizes, layout checks), so the
+kernels never import each other.
 """
 from __future__ import annotations
 
@@ -187,3 +190,33 @@ def block_for(n: int, default: int, minimum: int = 16) -> int:
     64K elements, since the interpreter's cost is per program, not per element."""
     cap = 65536 if interpret_enabled() else default
     return max(minimum, min(cap, next_power_of_2(n)))
+
+
+# ---- layout helpers every kernel shares ----------------------------------------------------------------------
+def dense_from(x: torch.Tensor, dim: int) -> bool:
+    """True when dims dim.. of x are laid out densely in C order (size-1 dims may have any stride)."""
+    expected = 1
+    for d in range(x.dim() - 1, dim - 1, -1):
+        if x.size(d) != 1 and x.stride(d) != expected:
+            return False
+        expected *= x.size(d)
+    return True
+
+
+def row_strides(x: torch.Tensor, ndim: int) -> list[int]:
+    """Strides of the first `ndim` dims, 0 for size-1 dims (their index is always 0)."""
+    return [x.stride(d) if x.size(d) != 1 else 0 for d in range(ndim)]
+
+
+def common_align(*values: int, cap: int = 16) -> int:
+    """Largest power of two <= cap dividing every value (in elements)."""
+    align = cap
+    for v in values:
+        while align > 1 and v % align:
+            align //= 2
+    return align
+
+
+def inner_dense(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x, or a C-order copy when dims dim.. are not dense (what the kernels index)."""
+    return x if dense_from(x, dim) else x.contiguous()

@@ -1,6 +1,6 @@
 """Fused masked flow-matching loss: loss and d(loss)/d(pred) in one pass (the Liger loss pattern).
 
-Reference: `dr_train.losses.flow_matching.masked_flow_matching_loss`
+Reference: `dr_train.method.flow_matching_loss.masked_flow_matching_loss`
     paper:    mean((mask_weight * M + 1) * (pred - target)^2)
     official: mean((1 + mask_weight * M^2) * (pred - target)^2)
 with M (B, F, H, W) or (B, 1, F, H, W) broadcast over the channels of pred (B, C, F, H, W).
@@ -31,8 +31,9 @@ import math
 
 import torch
 
-from dr_train.losses.flow_matching import MODES, _mask_BCFHW
-from kernels.dispatch import LazyKernel, block_for, device_guard, launch_options
+from dr_train.method.flow_matching_loss import MODES, mask_BCFHW
+from kernels.dispatch import (LazyKernel, block_for, common_align, device_guard, inner_dense, launch_options,
+                              row_strides)
 
 import triton
 import triton.language as tl
@@ -108,34 +109,6 @@ sum_partials_kernel = LazyKernel(_sum_partials_kernel)
 scale_inplace_kernel = LazyKernel(_scale_inplace_kernel)
 
 
-def dense_from(x: torch.Tensor, dim: int) -> bool:
-    """True when dims dim.. of x are laid out densely in C order (size-1 dims may have any stride)."""
-    expected = 1
-    for d in range(x.dim() - 1, dim - 1, -1):
-        if x.size(d) != 1 and x.stride(d) != expected:
-            return False
-        expected *= x.size(d)
-    return True
-
-
-def row_strides(x: torch.Tensor, ndim: int) -> list[int]:
-    """Strides of the first `ndim` dims, 0 for size-1 dims (their index is always 0)."""
-    return [x.stride(d) if x.size(d) != 1 else 0 for d in range(ndim)]
-
-
-def common_align(*values: int, cap: int = 16) -> int:
-    """Largest power of two <= cap dividing every value (in elements)."""
-    align = cap
-    for v in values:
-        while align > 1 and v % align:
-            align //= 2
-    return align
-
-
-def _inner_dense(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x if dense_from(x, dim) else x.contiguous()
-
-
 def _check_inputs(pred, target, noise, mask, mode):
     if mode not in MODES:
         raise ValueError(f"unknown loss mode {mode!r}; available: {', '.join(MODES)}")
@@ -145,7 +118,7 @@ def _check_inputs(pred, target, noise, mask, mode):
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     if noise is not None and noise.shape != pred.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and noise {tuple(noise.shape)} differ in shape")
-    return _mask_BCFHW(mask, pred)
+    return mask_BCFHW(mask, pred)
 
 
 def masked_loss_forward(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,10 +140,10 @@ def _masked_loss_forward(pred: torch.Tensor, target: torch.Tensor, noise: torch.
     if numel == 0:
         return torch.full((), float("nan"), dtype=torch.float32, device=device), \
             (torch.zeros_like(pred) if write_grad else None)
-    pred_ = _inner_dense(pred, 2)
-    target_ = _inner_dense(target, 2)
-    noise_ = _inner_dense(noise, 2) if noise is not None else target_
-    mask_ = _inner_dense(mask5, 2)
+    pred_ = inner_dense(pred, 2)
+    target_ = inner_dense(target, 2)
+    noise_ = inner_dense(noise, 2) if noise is not None else target_
+    mask_ = inner_dense(mask5, 2)
     block = block_size or block_for(S, LOSS_BLOCK)
     while triton.cdiv(S, block) > _MAX_GRID_Y:
         block *= 2

@@ -1,6 +1,6 @@
 """Relational-contrastive-loss features in one pass over pred, with a broadcast-write backward.
 
-Reference: `dr_train.losses.contrastive.relation_features`
+Reference: `dr_train.method.contrastive_loss.relation_features`
     pred (B, C, F, H, W) -> frame_means (B, F, C) = mean over (H, W), dynamics (B, F-1, C) = frame_means[:, 1:]
     - frame_means[:, :-1], both fp32.
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import LazyKernel, block_for, device_guard, launch_options, next_power_of_2
-from kernels.masked_loss import _inner_dense, common_align, row_strides
+from kernels.dispatch import (LazyKernel, block_for, common_align, device_guard, inner_dense, launch_options,
+                              next_power_of_2, row_strides)
 
 import triton
 import triton.language as tl
@@ -124,7 +124,7 @@ def relation_features_forward(pred: torch.Tensor, block_size: int | None = None,
         return means, dyn
     if HW == 0:
         return means.fill_(float("nan")), dyn.fill_(float("nan"))
-    x = _inner_dense(pred, 3)
+    x = inner_dense(pred, 3)
     block = _plane_block(HW, block_size)
     nblk = triton.cdiv(HW, block)
     rows = B * C * F

@@ -17,11 +17,13 @@ import argparse
 import logging
 import sys
 
+from dr_train.eval.ablations import run_ablations
+from dr_train.eval.evaluate import add_eval_args, eval_kwargs
+from dr_train.generate import add_batch_args, batch_kwargs
+from dr_train.runtime import quiet_library_noise
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from dr_train.eval.evaluate import add_eval_args
-    from dr_train.generate import add_batch_args
-
     p = argparse.ArgumentParser(description="Run the Table 2/3 ablations and the direct-LoRA baseline.")
     p.add_argument("--relations", required=True, help="comma list of catalog relations trained by every variant")
     p.add_argument("--variants", default="all", help="all, table2, table3 or a comma list of variant names")
@@ -44,13 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from dr_train.runtime import quiet_library_noise
 
     quiet_library_noise()
-    from dr_train.eval.ablations import run_ablations
-    from dr_train.eval.evaluate import eval_kwargs
-    from dr_train.generate import batch_kwargs
-
     try:
         seeds = [int(x) for x in a.train_seeds.split(",") if x.strip()] if a.train_seeds else None
         result = run_ablations(a.out, [r.strip() for r in a.relations.split(",") if r.strip()], a.variants,

@@ -11,11 +11,13 @@ import logging
 import sys
 from pathlib import Path
 
+from dr_train.eval.evaluate import add_eval_args, eval_kwargs, evaluate_run
+from dr_train.eval.report import build_report
+from dr_train.generate import add_batch_args, batch_kwargs, generate_batch
+from dr_train.runtime import quiet_library_noise
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from dr_train.eval.evaluate import add_eval_args
-    from dr_train.generate import add_batch_args
-
     p = argparse.ArgumentParser(description="Generate, evaluate and report a training run (all its relations).")
     p.add_argument("run", help="the training run folder (train.output_dir)")
     p.add_argument("--out", help="where metrics.json, videos.csv, report.md/html and figures/ go (default <run>/eval)")
@@ -32,13 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from dr_train.runtime import quiet_library_noise
 
     quiet_library_noise()
-    from dr_train.eval.evaluate import eval_kwargs, evaluate_run
-    from dr_train.eval.report import build_report
-    from dr_train.generate import batch_kwargs, generate_batch
-
     run = Path(a.run)
     videos = Path(a.videos) if a.videos else run / "eval" / "videos"
     try:

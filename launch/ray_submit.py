@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from dr_train.cli import config_from_args
+from dr_train.orchestrate import run_relations
 from dr_train.orchestrate.options import RayOptions, option_fields
 
 
@@ -46,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dr_train.orchestrate import run_relations
 
     try:
         report = run_relations(cfg, opts)

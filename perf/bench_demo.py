@@ -20,16 +20,16 @@ sys.path.insert(0, str(REPO))
 
 from common import append_csv, device_name, git_hash  # noqa: E402
 
+from dr_train.config import load_config  # noqa: E402
+from dr_train.demo import build_parser, run_demo  # noqa: E402
+from dr_train.runtime import quiet_library_noise  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.OPTION=VALUE")
     ap.add_argument("--out", default=str(REPO / "perf" / "results" / "bench_demo.csv"))
     args = ap.parse_args()
-    from dr_train.config import load_config
-    from dr_train.demo import build_parser, run_demo
-    from dr_train.runtime import quiet_library_noise
-
     quiet_library_noise()
     defaults = build_parser().parse_args([])
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@
 
 Kernels: fm_loss (masked flow-matching loss, target given), fm_loss_latents (the same with the target formed from
 latents and noise: eager/compile compute z0 - noise first, the kernel never materialises it), rcl_features
-(frame means + dynamics). Implementations: eager (the `dr_train.losses` references), compile (torch.compile of the
+(frame means + dynamics). Implementations: eager (the `dr_train.method` references), compile (torch.compile of the
 same references, compiled per shape and dtype), triton (`kernels` with the backend forced to triton).
 Passes: fwd (forward with pred requiring grad, as in training: the fused loss writes its gradient here), bwd
 (backward only; the forward runs untimed before each repetition), full (forward + backward).
@@ -40,10 +40,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from common import append_csv, device_name, git_hash  # noqa: E402
 
 import kernels  # noqa: E402
-from common import append_csv, device_name, git_hash  # noqa: E402
-from dr_train.losses import masked_flow_matching_loss, relation_features  # noqa: E402
+from dr_train.method.contrastive_loss import relation_features  # noqa: E402
+from dr_train.method.flow_matching_loss import masked_flow_matching_loss  # noqa: E402
 
 SIZES = {
     "tiny": [(2, 12, 3, 8, 8)],                                   # the tiny preset's latents
@@ -263,9 +264,9 @@ def check_against_eager(kernel, x, impl_fn, eager_fn, upstream) -> str:
 
 # ---- plotting and summary ---------------------------------------------------------------------------------------
 def plot(rows: list[dict], path: Path, device: str, peak: float | None) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only here
 
     kernels_ = [k for k in KERNELS if any(r["kernel"] == k for r in rows)]
     passes = [p for p in PASSES if any(r["pass"] == p for r in rows)]

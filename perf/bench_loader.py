@@ -27,8 +27,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common import append_csv, git_hash  # noqa: E402
+
+from dr_train.catalog import load_catalog  # noqa: E402
+from dr_train.config import load_config  # noqa: E402
 from dr_train.data import shards as shard_io  # noqa: E402
 from dr_train.data.loader import ShardStream  # noqa: E402
+from dr_train.data.sources import resolve_dataset  # noqa: E402
+from dr_train.distributed import Dist  # noqa: E402
+from dr_train.geometry import video_frames  # noqa: E402
+from dr_train.model import load_mochi  # noqa: E402
+from dr_train.trainer import RelationRun  # noqa: E402
 
 SIZES = {"tiny": ((12, 3, 8, 8), (16, 32)), "mochi": ((12, 11, 60, 106), (256, 4096))}
 
@@ -37,7 +45,7 @@ def fabricate(root: Path, latent_shape, text_shape, samples: int, per_shard: int
     rng = np.random.default_rng(0)
     c, f, h, w = latent_shape
     manifest = shard_io.new_manifest({"model": "fabricated", "latent_channels": c, "text_tokens": text_shape[0],
-                                      "text_dim": text_shape[1]}, {"frames": 6 * (f - 1) + 1})
+                                      "text_dim": text_shape[1]}, {"frames": video_frames(f)})
     root.mkdir(parents=True, exist_ok=True)
     manifest["null_text_sha256"] = shard_io.save_null_text(root, np.zeros(text_shape, np.float32),
                                                            np.zeros(text_shape[:1], bool))
@@ -79,13 +87,6 @@ def loader_rate(root: Path, workers: int, batches: int, batch_size: int) -> tupl
 
 def tiny_step_seconds(steps: int) -> float:
     """Median step time of the real trainer on the tiny preset (CPU or GPU, whichever this machine has)."""
-    from dr_train.catalog import load_catalog
-    from dr_train.config import load_config
-    from dr_train.data.sources import resolve_dataset
-    from dr_train.distributed import Dist
-    from dr_train.model import load_mochi
-    from dr_train.trainer import RelationRun
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, ["model.preset=tiny", f"data.cache_dir={tmp}/cache", f"train.output_dir={tmp}/runs"])
         relation = load_catalog()["handshaking"]

@@ -11,6 +11,7 @@ Appends rows to perf/results/bench_pretrain.csv with the device and git hash.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -23,7 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common import append_csv, device_name, git_hash  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from dr_train.data import world  # noqa: E402
+from dr_train.model.synth import TEXT_TOKENS, synth_vae  # noqa: E402
 from dr_train.pretrain.config import load_pretrain_config  # noqa: E402
+from dr_train.pretrain.transformer import TransformerStage  # noqa: E402
+from dr_train.pretrain.vae import VAEStage  # noqa: E402
 
 
 def timed(step, steps: int, warmup: int) -> float:
@@ -37,12 +44,6 @@ def timed(step, steps: int, warmup: int) -> float:
 
 def fake_corpus(out: Path, cfg, clips: int) -> None:
     """A corpus folder with random latents and captions of the recipe's shapes (what the transformer stage reads)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from dr_train.model.synth import TEXT_TOKENS
-
     folder = out / "corpus"
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -62,9 +63,6 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.OPTION=VALUE")
     ap.add_argument("--out", default=str(REPO / "perf" / "results" / "bench_pretrain.csv"))
     args = ap.parse_args()
-    from dr_train.pretrain.transformer import TransformerStage
-    from dr_train.pretrain.vae import VAEStage
-
     cfg = load_pretrain_config(None, args.overrides)
     rows = []
     common = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "git": git_hash()}
@@ -82,8 +80,6 @@ def main() -> None:
         rows.append({"stage": "transformer", "precision": "fp32", "batch": cfg.transformer.batch_size,
                      "clip": "latent 12x5x8x8", "seconds_per_step": round(seconds, 4),
                      "samples_per_second": round(cfg.transformer.batch_size / seconds, 3), **common})
-        from dr_train.data import world
-        from dr_train.model.synth import synth_vae
         vae = synth_vae(1).eval()
         started = time.perf_counter()
         clips = np.stack([world.corpus_clip(i).frames for i in range(16)])

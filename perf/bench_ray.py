@@ -46,8 +46,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common import append_csv, git_hash  # noqa: E402
+
+from dr_train.catalog import catalog_for, select_relations  # noqa: E402
 from dr_train.config import load_config  # noqa: E402
+from dr_train.data.sources import resolve_dataset  # noqa: E402
 from dr_train.orchestrate import RayOptions, run_relations  # noqa: E402
+from dr_train.orchestrate.run import connect  # noqa: E402
 
 
 def lpt_makespan(times: list[float], slots: int) -> float:
@@ -61,10 +65,10 @@ def lpt_makespan(times: list[float], slots: int) -> float:
 
 def _warm(n: int, cpus: float, gpus: float) -> None:
     """Start n worker processes that have imported torch and the trainer (Ray reuses them for the relations)."""
-    import ray
+    import ray  # deferred: ray is an optional dependency
 
     def load() -> int:
-        import os
+        import os  # runs in the Ray worker: these imports are the point (warm the process)
 
         import dr_train.trainer  # noqa: F401
 
@@ -99,15 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(address=a.address, num_cpus=a.num_cpus, cpus_per_relation=a.cpus_per_relation,
                   gpus_per_relation=a.gpus_per_relation, max_retries=0, live="off")
     try:
-        import ray
-
-        from dr_train.orchestrate.run import connect
+        import ray  # deferred: ray is an optional dependency
 
         connect(RayOptions(**common))
         if cfg.data.source == "synthetic":               # generate the data before anything is timed
-            from dr_train.catalog import catalog_for, select_relations
-            from dr_train.data.sources import resolve_dataset
-
             cfg.data.source = str(resolve_dataset(cfg, select_relations(cfg.train.relations,
                                                                         catalog_for(cfg))))
         if not a.no_warmup:

@@ -8,8 +8,9 @@
 # Steps, each time-boxed (`timeout`) so a slow or hung one cannot starve the rest:
 #   env      what the machine is: GPU, driver, versions, which optional packages import (flash-attn...)
 #   kernels  the kernel tests on CUDA in fp32 and bf16, and flash-attn vs SDPA outputs and gradients
-#   bench    perf/bench_kernels.py at Mochi's latent (eager, compile, triton; fp32, bf16) and the sweep (bf16, eager
-#            and triton: torch.compile per sweep shape would not fit the box); GB/s, fraction of HBM peak
+#   bench    perf/bench_kernels.py at Mochi's latent (eager, compile, triton; fp32, bf16) and the sweep plus batches of
+#            128 and 512 Mochi latents (bf16, eager and triton: the sweep's sizes are launch-bound on an H100, these
+#            reach the bandwidth regime; torch.compile per shape would not fit the box); GB/s, fraction of HBM peak
 #   profile  perf/profile_step.py --preset mochi at 61x480x848, with gradient checkpointing and without
 #   memory   the same step under torch.cuda.set_per_process_memory_fraction emulating 24 and 48 GiB cards
 # Results: perf/results/<device-name>/ (or --out), a log per step, summary.txt (also printed), and, when $OUT is
@@ -98,8 +99,8 @@ else
        -k "cuda or flash or gpu" --timeout=70 -rs
   step bench-mochi 80 "$PY" perf/bench_kernels.py --sizes mochi --dtypes fp32,bf16 --passes full,fwd,bwd \
        --reps 30 --warmup 3 --no-plot --out "$RES"
-  step bench-sweep 45 "$PY" perf/bench_kernels.py --sizes sweep --dtypes bf16 --impls eager,triton --passes full \
-       --reps 20 --warmup 2 --out "$RES"
+  step bench-sweep 60 "$PY" perf/bench_kernels.py --sizes sweep --shape 128,12,11,60,106 --shape 512,12,11,60,106 \
+       --dtypes bf16 --impls eager,triton --passes full --reps 20 --warmup 2 --out "$RES"
   step profile-ckpt 95 "$PY" perf/profile_step.py --preset mochi --steps 4 --warmup 1 --gradient-checkpointing \
        --out "$RES"
   step profile-nockpt 60 "$PY" perf/profile_step.py --preset mochi --steps 3 --warmup 1 \

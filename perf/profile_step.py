@@ -31,6 +31,7 @@ with genmo's published LoRA fine-tuning step on one H100 SXM: 3.35 s/it at 64 GB
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -40,6 +41,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -51,11 +53,20 @@ for _p in (str(REPO), str(HERE)):
         sys.path.insert(0, _p)
 
 import torch  # noqa: E402
-
 from bench_kernels import triton_version  # noqa: E402
-from common import device_name, git_hash  # noqa: E402
 from bench_loader import fabricate  # noqa: E402
-from dr_train import flops as flop_model  # noqa: E402
+from common import device_name, git_hash  # noqa: E402
+from diffusers import MochiTransformer3DModel  # noqa: E402
+
+from dr_train import flops as flop_model, geometry  # noqa: E402
+from dr_train.catalog import Relation  # noqa: E402
+from dr_train.config import load_config  # noqa: E402
+from dr_train.data.sources import synthetic_latent_size  # noqa: E402
+from dr_train.distributed import Dist  # noqa: E402
+from dr_train.model import MochiComponents, load_mochi, set_attention_backend  # noqa: E402
+from dr_train.model.loading import MOCHI_TEXT_TOKENS, resolve_dtype  # noqa: E402
+from dr_train.model.presets import TINY_TEXT_TOKENS  # noqa: E402
+from dr_train.trainer import NonFiniteLossError, RelationRun  # noqa: E402
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "comms")
 PRESETS = ("tiny", "mochi")
@@ -71,11 +82,6 @@ def build_mochi_components(device: torch.device, dtype: torch.dtype, attention_b
                            gradient_checkpointing: bool, num_layers: int | None, text_tokens: int):
     """MochiComponents holding only a Mochi-1 transformer (real config, random weights), built on `device` in
     `dtype` directly (no fp32 copy, no download), frozen and set up the way `load_mochi` sets up a loaded one."""
-    import dataclasses
-
-    from diffusers import MochiTransformer3DModel
-
-    from dr_train.model import MochiComponents, set_attention_backend
 
     kwargs = {k: v for k, v in dataclasses.asdict(flop_model.MOCHI_1).items()}
     kwargs.update(qk_norm="rms_norm", activation_fn="swiglu", max_sequence_length=text_tokens)
@@ -97,26 +103,6 @@ def build_mochi_components(device: torch.device, dtype: torch.dtype, attention_b
                            max_text_tokens=text_tokens, source="Mochi-1 config, random weights (perf/profile_step.py)")
 
 
-def latent_dims(frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """(latent frames, height, width) of a clip: Mochi's VAE compresses 6x in time (+1) and 8x in space."""
-    if (frames - 1) % 6 or frames < 1:
-        raise ValueError(f"--frames must be 1 + 6k (Mochi's VAE), got {frames}")
-    if height % 16 or width % 16:
-        raise ValueError(f"--height and --width must be multiples of 16 (VAE 8x, patch 2), got {height}x{width}")
-    return 1 + (frames - 1) // 6, height // 8, width // 8
-
-
-def make_run(run_cls, cfg, comps, relation, out_dir: Path, device: torch.device, dataset: Path):
-    """The trainer's RelationRun as one process on `device` (a single-rank `Dist` where the trainer takes one)."""
-    import inspect
-
-    if "dist" in inspect.signature(run_cls.__init__).parameters:
-        from dr_train.distributed import Dist
-
-        return run_cls(cfg, comps, relation, out_dir, Dist(device=device), dataset)
-    return run_cls(cfg, comps, relation, out_dir, device, dataset)
-
-
 def limit_prompt(stream, tokens: int) -> None:
     """Mark only the first `tokens` text tokens of every batch valid, as a real prompt padded to the T5 length is
     (the fabricated samples are fully valid). Runs inside the trainer's data phase."""
@@ -124,10 +110,9 @@ def limit_prompt(stream, tokens: int) -> None:
 
     def next_batch():
         batch = read()
-        mask = batch["text_mask"].clone()
+        mask = batch.text_mask.clone()
         mask[:, tokens:] = False
-        batch["text_mask"] = mask
-        return batch
+        return dataclasses.replace(batch, text_mask=mask)
 
     stream.next_batch = next_batch
 
@@ -342,9 +327,9 @@ def compare_genmo(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only here
 
     r = result["results"]
     steps = r.get("per_step", [])
@@ -380,7 +365,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 def _wrap(line: str, width: int) -> str:
-    import textwrap
     return "\n".join(textwrap.wrap(line, width)) or line
 
 
@@ -451,13 +435,6 @@ def main(argv=None) -> int:
         ap.error("--memory-gb must be > 0")
     memory_cap = apply_memory_cap(device, args.memory_gb)
 
-    from dr_train.catalog import Relation
-    from dr_train.config import load_config
-    from dr_train.model import load_mochi
-    from dr_train.model.loading import MOCHI_TEXT_TOKENS, resolve_dtype
-    from dr_train.model.presets import TINY_TEXT_TOKENS
-    from dr_train.trainer import NonFiniteLossError, RelationRun
-
     with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         overrides = [f"train.output_dir={work / 'runs'}", "data.caption_dropout=0", "model.preset=tiny",
@@ -469,12 +446,12 @@ def main(argv=None) -> int:
             if mochi:
                 frames, height, width = args.frames or 61, args.height or 480, args.width or 848
             else:
-                from dr_train.data.sources import synthetic_latent_size
-
                 lf, lh, lw = synthetic_latent_size(cfg)
-                frames = args.frames or 6 * (lf - 1) + 1
-                height, width = args.height or 8 * lh, args.width or 8 * lw
-            lat_f, lat_h, lat_w = latent_dims(frames, height, width)
+                video_height, video_width = geometry.video_size(lh, lw)
+                frames = args.frames or geometry.video_frames(lf)
+                height, width = args.height or video_height, args.width or video_width
+            geometry.check_video_size(frames, height, width, prefix="--")
+            lat_f, (lat_h, lat_w) = geometry.latent_frames(frames), geometry.latent_size(height, width)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -511,7 +488,7 @@ def main(argv=None) -> int:
         dataset = fabricate(work / "dataset", (channels, lat_f, lat_h, lat_w), (text_tokens, dims.text_embed_dim),
                             samples=max(4, 2 * global_batch), per_shard=4)
         relation = Relation(name="bench", prompt="a fabricated sample (perf/profile_step.py)")
-        run = make_run(RelationRun, cfg, comps, relation, work / "run", device, dataset)
+        run = RelationRun(cfg, comps, relation, work / "run", Dist(device=device), dataset)   # one process
         if args.prompt_tokens:
             limit_prompt(run.stream, args.prompt_tokens)
         weights_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None

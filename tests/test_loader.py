@@ -10,7 +10,7 @@ from dr_train.data.shards import load_manifest
 
 
 def _keys(stream: ShardStream, batches: int) -> list[list[str]]:
-    out = [stream.next_batch()["video_ids"] for _ in range(batches)]
+    out = [stream.next_batch().video_ids for _ in range(batches)]
     stream.close()
     return out
 
@@ -52,16 +52,16 @@ def test_the_plan_is_seeded(tmp_path):
 def test_batches_hold_tensors_of_the_right_shapes(tmp_path):
     root = fake_dataset(tmp_path / "ds", {"hugging": 4})
     batch = ShardStream(root, ["hugging"], 2, seed=0).next_batch()
-    assert batch["latents_mean"].shape == (2, CHANNELS, 2, 4, 6) and batch["latents_mean"].dtype == torch.float32
-    assert batch["mask_subject1"].shape == (2, 2, 4, 6)
-    assert batch["text_embed"].shape == (2, 4, 8) and batch["text_mask"].dtype == torch.bool
-    assert batch["relations"] == ["hugging", "hugging"]
+    assert batch.latents_mean.shape == (2, CHANNELS, 2, 4, 6) and batch.latents_mean.dtype == torch.float32
+    assert batch.mask_subject1.shape == (2, 2, 4, 6)
+    assert batch.text_embed.shape == (2, 4, 8) and batch.text_mask.dtype == torch.bool
+    assert batch.relations == ["hugging", "hugging"]
 
 
 def test_relation_filter_and_unknown_relation(tmp_path):
     root = fake_dataset(tmp_path / "ds", {"hugging": 3, "kicking": 3})
     stream = ShardStream(root, ["kicking"], 1, seed=0)
-    assert {stream.next_batch()["relations"][0] for _ in range(9)} == {"kicking"}
+    assert {stream.next_batch().relations[0] for _ in range(9)} == {"kicking"}
     with pytest.raises(ValueError, match="no samples of moonwalking"):
         ShardStream(root, ["moonwalking"], 1)
 
@@ -73,10 +73,10 @@ def test_bucketing_keeps_one_latent_shape_per_batch_and_carries_leftovers(tmp_pa
     keys = []
     while True:
         batch = stream.next_batch()
-        if batch["epoch"] == 2:
+        if batch.epoch == 2:
             break
-        assert len({tuple(t.shape) for t in batch["latents_mean"]}) == 1 and len(batch["video_ids"]) == 3
-        keys += batch["video_ids"]
+        assert len({tuple(t.shape) for t in batch.latents_mean}) == 1 and len(batch.video_ids) == 3
+        keys += batch.video_ids
     counts = Counter(keys)
     # epochs 0 and 1: every clip twice, except those carried into epoch 2 (at most 2 per shape)
     assert set(counts) == {f"hugging__{i:04d}" for i in range(12)} and set(counts.values()) <= {1, 2}
@@ -98,8 +98,8 @@ def test_resume_continues_the_exact_stream(tmp_path, workers):
     resumed.load_state_dict(state)
     for want in expected[4:]:
         got = resumed.next_batch()
-        assert got["video_ids"] == want["video_ids"] and got["epoch"] == want["epoch"]
-        assert torch.equal(got["latents_mean"], want["latents_mean"])
+        assert got.video_ids == want.video_ids and got.epoch == want.epoch
+        assert torch.equal(got.latents_mean, want.latents_mean)
     resumed.close()
 
 
@@ -124,7 +124,7 @@ def test_a_changed_global_batch_restarts_the_epoch_with_a_warning(tmp_path, capl
     with caplog.at_level("WARNING", logger="dr_train"):
         one.load_state_dict(two.state_dict())
     assert "global_batch" in caplog.text and "epoch 1" in caplog.text
-    assert one.next_batch()["epoch"] == 1
+    assert one.next_batch().epoch == 1
 
 
 def test_too_few_samples_for_a_global_batch_is_an_error(tmp_path):

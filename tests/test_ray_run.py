@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, SYNTHETIC_CACHE
+from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
 
@@ -207,3 +206,17 @@ def test_broken_data_and_exhausted_retries_fail_cleanly(cluster, baseline, tmp_p
     failures = md.split("## Failures", 1)[1]
     assert f"### {broken}" in failures and "Traceback" in failures and f"### {dying}" in failures
     assert f"{broken} failed: ValueError" in out and "  | " in out
+
+
+def test_fanout_runs_one_task_per_job_and_reports_each_as_it_finishes(cluster):
+    """The fan-out batch generation uses: every job runs once as its own task, on_done sees each result's tag."""
+    from dr_train import fanout
+    from dr_train.geometry import latent_frames  # a function the workers can import
+
+    fanout.connect()                                    # already connected: joins, starts nothing
+    seen = []
+    frames = [1, 7, 13, 19, 61]
+    results = fanout.run_tasks(latent_frames, [((f,), f"clip{f}") for f in frames], num_cpus=0.5,
+                               on_done=lambda result, tag: seen.append((tag, result)))
+    assert sorted(results) == [1, 2, 3, 4, 11]
+    assert sorted(seen) == sorted((f"clip{f}", 1 + (f - 1) // 6) for f in frames)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -21,8 +22,8 @@ def test_loss_goes_down_on_a_tiny_overfit_case(tmp_path):
     run = make_run(cfg, "hugging", tmp_path)
     g = torch.Generator().manual_seed(123)
     clip = run.stream.next_batch()           # the relation's only clip
-    z0 = clip["latents_mean"].repeat(64, 1, 1, 1, 1)
-    text, text_mask = clip["text_embed"].repeat(64, 1, 1), clip["text_mask"].repeat(64, 1)
+    z0 = clip.latents_mean.repeat(64, 1, 1, 1, 1)
+    text, text_mask = clip.text_embed.repeat(64, 1, 1), clip.text_mask.repeat(64, 1)
     eps, sigma = torch.randn(z0.shape, generator=g), torch.rand(64, generator=g)
 
     def eval_loss():
@@ -149,7 +150,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
 
     def poisoned(self, batch, selection):
         if self.step == 5:
-            batch = dict(batch, latents_mean=batch["latents_mean"] * float("nan"))
+            batch = dataclasses.replace(batch, latents_mean=batch.latents_mean * float("nan"))
         return original(self, batch, selection)
 
     RelationRun.micro_step = poisoned
@@ -239,8 +240,8 @@ def test_official_mode_weights_the_loss_with_max_pooled_masks_and_runs_the_offic
         run.close()
     b = seen["batch"]
     assert seen["mode"] == "official"
-    assert torch.equal(seen["mask"], b["mask_subject1_maxpool"] + b["mask_subject2_maxpool"])
-    assert not torch.equal(b["mask_subject1_maxpool"], b["mask_subject1"])
+    assert torch.equal(seen["mask"], b.mask_subject1_maxpool + b.mask_subject2_maxpool)
+    assert not torch.equal(b.mask_subject1_maxpool, b.mask_subject1)
     assert records[0]["loss_rcl"] is None and "holds no clip" in records[0]["rcl_skipped"]
     assert all(r["loss_rcl"] is not None for r in records[1:])          # used as soon as one clip is held
 
@@ -342,3 +343,28 @@ def test_wandb_offline_run_gets_scalars_and_validation_but_never_the_key(tmp_pat
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_checkpoint_written_by_the_earlier_layout_resumes_to_the_same_losses(tmp_path):
+    """tests/golden/checkpoint_v1: step 4 of a run written before the trainer's checkpoint parts moved into
+    CheckpointManager; resuming it now gives the steps 5-8 that run logged (same format, same state restored)."""
+    import shutil
+    from pathlib import Path
+
+    golden = Path(__file__).parent / "golden" / "checkpoint_v1"
+    expected = json.loads((golden / "expected.json").read_text())["metrics"]
+    cfg = small_config(tmp_path, **{"train.relations": "high_five", "train.deterministic": True,
+                                    "data.caption_dropout": 0.3, "train.resume": True})
+    run_dir = tmp_path / "runs" / "high_five"
+    shutil.copytree(golden / "step-00000004", run_dir / "checkpoints" / "step-00000004")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in expected[:4]))
+    train(cfg)
+    got = _metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 9))
+    for want, row in zip(expected[4:], got[4:]):
+        assert row["selection"] == want["selection"] and row["videos"] == want["videos"], row["step"]
+        for key in ("loss", "loss_rec", "lr"):
+            assert row[key] == pytest.approx(want[key], rel=1e-5), (row["step"], key)
+        assert (row["loss_rcl"] is None) == (want["loss_rcl"] is None)
+        if want["loss_rcl"] is not None:
+            assert row["loss_rcl"] == pytest.approx(want["loss_rcl"], rel=1e-5)

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from dr_train.geometry import TEMPORAL_COMPRESSION
 from dr_train.model.attention import _joint_qkv
+from dr_train.model.text import encode_prompts
 
 DIRECTIONS = ("video_to_text", "text_to_video")
 
@@ -172,8 +175,6 @@ def relation_attention_maps(transformer, tokenizer, text_encoder, prompt: str, p
                             direction: str = "video_to_text", query_chunk: int = 512) -> RelationAttention:
     """Attention maps of `phrase` (words of `prompt`) over the video tokens of `latents` at `timestep`
     (Mochi convention: timestep = (1 - sigma) * 1000 for latents z = (1 - sigma) z0 + sigma noise)."""
-    from dr_train.model.text import encode_prompts
-
     if latents_BCFHW.ndim != 5:
         raise ValueError(f"latents must be (B, C, F, H, W), got shape {tuple(latents_BCFHW.shape)}")
     patch = transformer.config.patch_size
@@ -194,7 +195,8 @@ def relation_attention_maps(transformer, tokenizer, text_encoder, prompt: str, p
 def latent_frame_sources(latent_frames: int, video_frames: int) -> list[int]:
     """The decoded frame shown under each latent frame: Mochi's VAE maps frame 0 to latent frame 0 and frames
     6(k-1)+1..6k to latent frame k; the middle one of each group is used."""
-    return [0] + [min(video_frames - 1, 6 * (k - 1) + 4) for k in range(1, latent_frames)]
+    t = TEMPORAL_COMPRESSION
+    return [0] + [min(video_frames - 1, t * (k - 1) + 1 + t // 2) for k in range(1, latent_frames)]
 
 
 def save_attention_strip(maps_Fhw: torch.Tensor | np.ndarray, png_path: str | Path,
@@ -202,8 +204,7 @@ def save_attention_strip(maps_Fhw: torch.Tensor | np.ndarray, png_path: str | Pa
     """One PNG: the latent frames' maps side by side, each upsampled (bilinear) to `cell_height` rows and coloured
     (turbo colour map, one scale for the whole strip); with decoded frames (uint8 (N, H, W, 3)), each map is blended
     over its frame (see `latent_frame_sources`)."""
-    import matplotlib
-    from PIL import Image
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
 
     maps = torch.as_tensor(np.asarray(maps_Fhw, dtype=np.float32))
     if maps.ndim != 3 or not maps.numel():

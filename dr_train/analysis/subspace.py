@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SPACES = ("output", "input")
@@ -90,10 +91,9 @@ def qkv_similarity_table(model: torch.nn.Module, rank: int, space: str = "output
 
 def plot_similarity_heatmap(rows: list[dict], png_path: str | Path, title: str = "") -> Path:
     """Heatmap PNG of a `qkv_similarity_table`: one panel per stream, blocks down, Q-K / Q-V / K-V across."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only here
 
     if not rows:
         raise ValueError("no similarity rows to plot")

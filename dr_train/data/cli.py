@@ -8,6 +8,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from dr_train.catalog import catalog_for, select_relations
+from dr_train.config import load_config
+from dr_train.data.contact_sheet import write_contact_sheet
+from dr_train.data.mask_import import load_mask_folder
+from dr_train.data.prepare import discover_videos, prepare_dataset, video_spec
+from dr_train.data.shards import load_manifest, read_shard, verify_dataset
+from dr_train.data.sources import make_encoder, synthetic_renderer
+from dr_train.data.synthetic import write_synthetic_videos
+from dr_train.data.video import conform_frames, conform_masks, decode_video, plan_conform
+from dr_train.masks import latent_masks
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -47,24 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from dr_train.config import load_config
-
     return load_config(args.config, list(args.set))
 
 
 def _relations(args, catalog) -> list[str] | None:
-    from dr_train.catalog import select_relations
-
     if not args.relations:
         return None
     return [r.name for r in select_relations(args.relations, catalog)]
 
 
 def cmd_ingest(args) -> dict:
-    from dr_train.catalog import catalog_for
-    from dr_train.data.prepare import discover_videos, prepare_dataset
-    from dr_train.data.sources import make_encoder
-
     cfg = _config(args)
     catalog = catalog_for(cfg)
     jobs = discover_videos(args.inputs, catalog, cfg.prepare.layout, _relations(args, catalog), args.masks_root)
@@ -72,11 +76,6 @@ def cmd_ingest(args) -> dict:
 
 
 def cmd_synthetic(args) -> dict:
-    from dr_train.catalog import catalog_for
-    from dr_train.data.prepare import discover_videos, prepare_dataset
-    from dr_train.data.sources import make_encoder, synthetic_renderer
-    from dr_train.data.synthetic import write_synthetic_videos
-
     cfg = _config(args)
     catalog = catalog_for(cfg)
     names = _relations(args, catalog) or list(catalog)
@@ -89,8 +88,6 @@ def cmd_synthetic(args) -> dict:
 
 
 def cmd_verify(args) -> dict:
-    from dr_train.data.shards import verify_dataset
-
     problems, counts = verify_dataset(args.dataset, deep=not args.quick)
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
@@ -98,16 +95,7 @@ def cmd_verify(args) -> dict:
 
 
 def cmd_sheet(args) -> dict:
-    from dr_train.data.contact_sheet import write_contact_sheet
-
     if args.video is not None:
-        import torch
-
-        from dr_train.data.mask_import import load_mask_folder
-        from dr_train.data.prepare import video_spec
-        from dr_train.data.video import conform_frames, conform_masks, decode_video, plan_conform
-        from dr_train.masks import latent_masks
-
         if args.masks is None:
             raise ValueError("--video needs --masks (its colour-coded PNG mask folder)")
         cfg = _config(args).prepare
@@ -120,7 +108,6 @@ def cmd_sheet(args) -> dict:
         latent = np.stack([latent_masks(torch.from_numpy(masks[:, s])).numpy() for s in range(2)])
         path = write_contact_sheet(args.out, frames, masks, latent, title=str(args.video))
         return {"sheet": str(path), "video": str(args.video)}
-    from dr_train.data.shards import load_manifest, read_shard
 
     if args.dataset is None or not (args.key or args.relation):
         raise ValueError("give a dataset with --key or --relation, or --video with --masks")

@@ -21,7 +21,6 @@ TILE_WIDTH = 256
 LABEL_HEIGHT = 18
 TITLE_HEIGHT = 24
 GAP = 4
-TEMPORAL_COMPRESSION = 6
 
 
 def _font(size: int):
@@ -77,7 +76,7 @@ def _latents_or_reason(masks_F2HW: np.ndarray, latent_masks_2fhw) -> tuple[np.nd
         return latents, ""
     try:
         masks = torch.from_numpy(np.ascontiguousarray(masks_F2HW, dtype=np.float32))
-        latents = torch.stack([latent_masks(masks[:, s], TEMPORAL_COMPRESSION) for s in range(2)])
+        latents = torch.stack([latent_masks(masks[:, s]) for s in range(2)])
     except ValueError as err:
         return None, f"latent masks not shown: {err}"
     return latents.numpy(), ""

@@ -105,14 +105,37 @@ class StreamPlan:
         return e, self.epochs[e][i]
 
 
-def collate(samples: list, epoch: int) -> dict:
+@dataclass(frozen=True)
+class Batch:
+    """One rank's batch, from the loader to the trainer's step (B = samples of this rank)."""
+    video_ids: list[str]
+    relations: list[str]
+    epoch: int
+    latents_mean: torch.Tensor          # (B, C, F, H, W) float32: the VAE posterior's mean ...
+    latents_logvar: torch.Tensor        # ... and log-variance; the step samples z0 from them
+    mask_subject1: torch.Tensor         # (B, F, H, W) float32 in [0, 1], latent resolution (area-averaged)
+    mask_subject2: torch.Tensor
+    mask_subject1_maxpool: torch.Tensor  # the same, max-pooled (the official code's resize)
+    mask_subject2_maxpool: torch.Tensor
+    text_embed: torch.Tensor            # (B, L, D) prompt embeddings
+    text_mask: torch.Tensor             # (B, L) bool, valid tokens
+
+    def subject_masks(self, pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(subject 1, subject 2) masks, max-pooled when `pooled` (the official loss mode)."""
+        if pooled:
+            return self.mask_subject1_maxpool, self.mask_subject2_maxpool
+        return self.mask_subject1, self.mask_subject2
+
+
+assert tuple(f for f in Batch.__dataclass_fields__ if f.startswith("mask_")) == MASK_FIELDS
+
+
+def collate(samples: list, epoch: int) -> Batch:
     stack = lambda name: torch.from_numpy(np.stack([getattr(s, name) for s in samples]))  # noqa: E731
-    return {
-        "video_ids": [s.key for s in samples], "relations": [s.meta.get("relation", "") for s in samples],
-        "epoch": epoch, "latents_mean": stack("latent_mean"), "latents_logvar": stack("latent_logvar"),
-        **{name: stack(name) for name in MASK_FIELDS},
-        "text_embed": stack("text_embed"), "text_mask": stack("text_mask"),
-    }
+    return Batch(video_ids=[s.key for s in samples], relations=[s.meta.get("relation", "") for s in samples],
+                 epoch=epoch, latents_mean=stack("latent_mean"), latents_logvar=stack("latent_logvar"),
+                 **{name: stack(name) for name in MASK_FIELDS},
+                 text_embed=stack("text_embed"), text_mask=stack("text_mask"))
 
 
 class _RankBatches(IterableDataset):
@@ -127,7 +150,7 @@ class _RankBatches(IterableDataset):
         epoch, batch = self.plan.batch(k)
         return epoch, batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         k = self.start + worker
@@ -139,7 +162,7 @@ class _RankBatches(IterableDataset):
             yield from self._read([self._slice(j) for j in ks])
             k = ks[-1] + self.workers
 
-    def _read(self, batches: list[tuple[int, list[SampleRef]]]) -> Iterator[dict]:
+    def _read(self, batches: list[tuple[int, list[SampleRef]]]) -> Iterator[Batch]:
         uses = Counter(r for _, b in batches for r in b)
         loaded: dict[SampleRef, object] = {}
         for epoch, batch in batches:
@@ -187,7 +210,7 @@ class ShardStream:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=2))
 
-    def next_batch(self) -> dict:
+    def next_batch(self) -> Batch:
         if self._iter is None:
             self._iter = self._make_iter()
         batch = next(self._iter)

@@ -31,6 +31,10 @@ from tqdm.auto import tqdm
 from dr_train.catalog import Relation
 from dr_train.config import PrepareConfig
 from dr_train.data import shards as shard_io
+from dr_train.data.mask_import import load_mask_folder
+from dr_train.data.ntu import is_ntu_name, ntu_relation
+from dr_train.data.segment import GroundingSamSegmenter
+from dr_train.data.video import VideoSpec, conform_frames, conform_masks, decode_video, plan_conform
 from dr_train.masks import latent_masks
 
 log = logging.getLogger("dr_train")
@@ -81,8 +85,6 @@ def _videos_in(folder: Path) -> list[Path]:
 def discover_videos(inputs: list[Path], catalog: dict[str, Relation], layout: str = "auto",
                     relations: list[str] | None = None, masks_root: Path | None = None) -> list[VideoJob]:
     """Jobs for every video of the selected relations under `inputs` (and the catalog's `videos:` folders)."""
-    from dr_train.data.ntu import is_ntu_name, ntu_relation
-
     wanted = set(relations) if relations else set(catalog)
     jobs: list[VideoJob] = []
     other_actions = 0
@@ -120,8 +122,6 @@ def discover_videos(inputs: list[Path], catalog: dict[str, Relation], layout: st
 
 # ---- one clip ----------------------------------------------------------------------------------------------
 def video_spec(cfg: PrepareConfig):
-    from dr_train.data.video import VideoSpec
-
     return VideoSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=cfg.fps, trim=cfg.trim)
 
 
@@ -138,9 +138,6 @@ def _conform_boxes(boxes_F24: np.ndarray, plan, src_hw: tuple[int, int]) -> list
 
 def load_clip(job: VideoJob, cfg: PrepareConfig) -> Clip:
     """Decode and conform one video and, where it has a PNG mask folder, its masks (runs in worker processes)."""
-    from dr_train.data.mask_import import load_mask_folder
-    from dr_train.data.video import conform_frames, conform_masks, decode_video, plan_conform
-
     decoded = decode_video(job.source, cfg.video_backend)
     n, h, w = decoded.frames.shape[:3]
     plan = plan_conform(n, decoded.fps, h, w, video_spec(cfg), job.source)
@@ -248,8 +245,6 @@ class _Segmenter:
 
     def __call__(self, clip: Clip) -> Clip:
         if self.model is None:
-            from dr_train.data.segment import GroundingSamSegmenter
-
             if not self.cfg.grounding_dino or not self.cfg.sam:
                 raise ValueError(f"{clip.job.source}: no PNG mask folder, and prepare.grounding_dino / prepare.sam "
                                  f"are not set to compute masks")

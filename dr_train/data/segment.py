@@ -63,6 +63,7 @@ class GroundingSamSegmenter:
     def __init__(self, grounding_dino_path, sam_path, prompt: str = "a person.", box_threshold: float = 0.3,
                  text_threshold: float = 0.25, device=None, dtype: torch.dtype = torch.float32,
                  batch_size: int = 8):
+        # deferred: transformers' detectors are a heavy import, needed only here
         from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel, SamProcessor
 
         dino_folder = _local_folder(grounding_dino_path, "Grounding DINO")

@@ -21,7 +21,6 @@ renamed into place, with a fixed mtime so the same samples always give the same 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,6 +30,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from dr_train.io import atomic_path, atomic_write_text, read_json, sha256_file
 
 FORMAT = "dr-train-latents"
 VERSION = 2                     # 2: the max-pooled masks
@@ -145,22 +148,13 @@ def decode_sample(key: str, members: dict[str, bytes], where: str) -> Sample:
 
 
 # ---- shards ------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_shard(path: Path, samples: list[Sample]) -> dict:
     """Write samples as one tar, atomically (temporary name, fsync, rename). Returns its manifest entry."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = [s.key for s in samples]
     assert len(set(keys)) == len(keys), f"duplicate keys in shard {path}"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples:
                 if "." in sample.key:
@@ -172,7 +166,6 @@ def write_shard(path: Path, samples: list[Sample]) -> dict:
                     tar.addfile(info, io.BytesIO(data))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size,
             "samples": [{"key": s.key, "latent_shape": list(s.latent_shape), "source": s.meta.get("source", ""),
                          "relation": s.meta.get("relation", "")} for s in samples]}
@@ -180,7 +173,8 @@ def write_shard(path: Path, samples: list[Sample]) -> dict:
 
 def iter_shard_members(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {suffix: bytes}) per sample, streamed with WebDataset's tar reader."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    from webdataset.tariterators import group_by_keys  # deferred: webdataset is an optional dependency
+    from webdataset.tariterators import tar_file_iterator
 
     path = Path(path)
     if not path.is_file():
@@ -217,10 +211,7 @@ def load_manifest(root: Path) -> dict:
     path = manifest_path(root)
     if not path.is_file():
         raise ValueError(f"{root} is not a prepared dataset: {path} is missing (run launch/prepare.py)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"dataset manifest {path} is not valid JSON: {e}") from None
+    manifest = read_json(path, "dataset manifest")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"dataset manifest {path} has format {manifest.get('format')!r} version "
                          f"{manifest.get('version')!r}; this code reads {FORMAT!r} version {VERSION}: prepare the "
@@ -229,11 +220,7 @@ def load_manifest(root: Path) -> dict:
 
 
 def save_manifest(root: Path, manifest: dict) -> Path:
-    path = manifest_path(root)
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(manifest_path(root), json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def new_manifest(encoder: dict, video: dict) -> dict:
@@ -297,20 +284,14 @@ def verify_dataset(root: Path, deep: bool = True) -> tuple[list[str], dict]:
 
 def save_null_text(root: Path, text_embed_LD: np.ndarray, text_mask_L: np.ndarray) -> str:
     """The empty prompt's embedding (caption dropout trains some steps unconditioned); returns its sha256."""
-    from safetensors.numpy import save_file
-
     path = Path(root) / NULL_TEXT
-    tmp = path.with_name(f".{NULL_TEXT}.tmp-{os.getpid()}")
-    save_file({"text_embed": np.ascontiguousarray(text_embed_LD, dtype=np.float32),
-               "text_mask": np.ascontiguousarray(text_mask_L, dtype=np.bool_)}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"text_embed": np.ascontiguousarray(text_embed_LD, dtype=np.float32),
+                   "text_mask": np.ascontiguousarray(text_mask_L, dtype=np.bool_)}, str(tmp))
     return sha256_file(path)
 
 
 def load_null_text(root: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     path = Path(root) / manifest.get("null_text", NULL_TEXT)
     try:
         tensors = load_file(str(path))

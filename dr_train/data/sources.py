@@ -12,16 +12,19 @@ import torch
 
 from dr_train.catalog import Relation
 from dr_train.config import Config
+from dr_train.data import world
 from dr_train.data.encode import ClipEncoder
+from dr_train.data.prepare import discover_videos, prepare_dataset
 from dr_train.data.shards import VERSION, load_manifest
+from dr_train.data.synthetic import render_clip, write_synthetic_videos
+from dr_train.geometry import video_frames, video_size
+from dr_train.model import load_mochi
 
 log = logging.getLogger("dr_train")
 
 
 def make_encoder(cfg: Config, device: torch.device | str | None = None) -> ClipEncoder:
     """VAE + T5 of `model.preset` (the transformer is not loaded)."""
-    from dr_train.model import load_mochi
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     comps = load_mochi(cfg.model.preset, cfg.model.dtype, max_text_tokens=cfg.model.max_text_tokens,
                        parts=("vae", "text_encoder"))
@@ -46,9 +49,7 @@ def synthetic_renderer(cfg: Config):
     """What draws a synthetic clip: the synth world's `person` exemplars for the synth preset (one fixed set),
     else the built-in relation renderer."""
     if cfg.model.preset != "synth":
-        from dr_train.data.synthetic import render_clip
         return render_clip
-    from dr_train.data import world
 
     def exemplar(relation, index, frames, height, width, seed):
         return world.exemplar_clip(relation, index, WORLD_EXEMPLAR_SEED, frames, height, width)
@@ -57,9 +58,9 @@ def synthetic_renderer(cfg: Config):
 
 def synthetic_prepare_config(cfg: Config):
     """The prepare settings of the synthetic dataset: clip size from data.latent_*, PNG masks, no resampling."""
-    frames, height, width = synthetic_latent_size(cfg)
+    frames, height, width = synthetic_latent_size(cfg)             # latent sizes
     prep = copy.deepcopy(cfg.prepare)
-    prep.frames, prep.height, prep.width = 6 * (frames - 1) + 1, 8 * height, 8 * width
+    prep.frames, (prep.height, prep.width) = video_frames(frames), video_size(height, width)
     prep.fps, prep.masks, prep.layout, prep.video_backend = 30.0, "png", "folders", "pyav"
     prep.strict, prep.workers = True, 0
     return prep
@@ -75,9 +76,6 @@ def synthetic_dataset_dir(cfg: Config) -> Path:
 
 def ensure_synthetic_dataset(cfg: Config, relations: list[Relation]) -> Path:
     """The synthetic dataset with every relation in `relations`, generating what is missing."""
-    from dr_train.data.prepare import discover_videos, prepare_dataset
-    from dr_train.data.synthetic import write_synthetic_videos
-
     root = synthetic_dataset_dir(cfg)
     names = [r.name for r in relations]
     try:

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dr_train.data.mask_import import save_mask_folder
+from dr_train.data.video import write_mp4
+
 # Parameters a pattern drives, with their defaults:
 #   x1, x2   body centre x (fraction of width)         y1, y2   body centre y (fraction of height)
 #   arm1/2   arm extension, 0 (none) to 1 (full reach)  ah1/2    arm height, in body half-heights from the centre
@@ -220,9 +223,6 @@ def write_synthetic_videos(root: str | Path, relations: list[str], count: int, f
     """Write `count` clips per relation as `<root>/<relation>/<id>.mp4` + `<id>_masks/` + `<id>.json`, each made by
     `render(relation, index, frames, height, width, seed)` (default `render_clip`; the synth world's exemplars for
     the synth preset). Finished clips (their JSON written last) are kept on a re-run."""
-    from dr_train.data.mask_import import save_mask_folder
-    from dr_train.data.video import write_mp4
-
     if count < 1:
         raise ValueError(f"synthetic clips per relation must be >= 1, got {count}")
     root = Path(root)

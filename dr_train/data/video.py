@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dr_train.geometry import check_video_size
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "pyav", "dali")
@@ -45,13 +47,7 @@ class VideoSpec:
     trim: str = "center"
 
     def __post_init__(self):
-        if not isinstance(self.frames, int) or self.frames < 1 or (self.frames - 1) % 6:
-            raise ValueError(f"VideoSpec.frames must be 1 + 6k (Mochi's causal VAE), got {self.frames!r}")
-        for name in ("height", "width"):
-            size = getattr(self, name)
-            if not isinstance(size, int) or size < 16 or size % 16:
-                raise ValueError(f"VideoSpec.{name} must be a positive multiple of 16 (VAE /8, then patch 2), "
-                                 f"got {size!r}")
+        check_video_size(self.frames, self.height, self.width, prefix="VideoSpec.")
         if not (math.isfinite(self.fps) and self.fps >= 0):
             raise ValueError(f"VideoSpec.fps must be >= 0 (0 keeps the source rate), got {self.fps!r}")
         if self.trim not in TRIMS:
@@ -307,7 +303,7 @@ _DALI_PIPES: dict[int, object] = {}
 
 def _dali_pipeline(device_id: int):
     """A built batch-1 pipeline: encoded file bytes (fed per call) -> GPU (NVDEC) decode of every frame."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def, types  # deferred: nvidia is an optional dependency
 
     @pipeline_def(batch_size=1, num_threads=2, device_id=device_id, prefetch_queue_depth=1)
     def decode():

@@ -3,7 +3,7 @@ into `<out>/<variant>/`, its videos generated and evaluated (`generate_batch`, `
 and one table collects the overall relation-LoRA row of every variant beside the paper's numbers.
 
 A variant is only config: a file of `configs/ablations/` and/or `lora.placement` presets (their semantics live in
-`dr_train/lora.py` and docs/method.md). Variants without a relation or an FFN adapter export the inference adapters
+`dr_train/method/triplet.py` and docs/method.md). Variants without a relation or an FFN adapter export the inference adapters
 they have (`lora.export_adapters`: ffn alone, relation alone), since the paper's inference uses relation + FFN.
 A finished variant (`<out>/<variant>/ABLATION.json`) is skipped on a re-run with the same settings. The base model
 (no LoRA) is generated and evaluated once into `<out>/base/` for a reference row.
@@ -20,15 +20,20 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import yaml
 
-from dr_train.eval.report import KIND_LABEL, PAPER_SOURCE, format_metric
-from dr_train.generate import config_overrides
+from dr_train.config import load_config
+from dr_train.eval.evaluate import evaluate_run
+from dr_train.eval.report import KIND_LABEL, PAPER_SOURCE, WORLD_COLUMNS, build_report, format_interval, format_metric
+from dr_train.eval.world_scores import summarise
+from dr_train.generate import config_overrides, generate_batch
+from dr_train.io import atomic_write_text
+from dr_train.trainer import train
 
 log = logging.getLogger("dr_train")
 
@@ -119,8 +124,6 @@ def variant_config(variant: str, relations: Sequence[str], out_dir: Path, steps:
                    config: str | Path | None = None, overrides: Sequence[str] = ()):
     """The training Config of a variant: the user's config file, the variant's overrides, the user's overrides,
     then relations, output folder and (when given) the step count."""
-    from dr_train.config import load_config
-
     items = VARIANTS[variant].config_overrides() + list(overrides)
     items += [f"train.relations={json.dumps(list(relations))}", f"train.output_dir={json.dumps(str(out_dir))}"]
     if steps is not None:
@@ -147,11 +150,6 @@ def run_variant(variant: str, out_dir: Path, relations: Sequence[str], steps: in
                 generation: dict, evaluation: dict, seed: int | None = None) -> dict:
     """Train, generate, evaluate and report one variant into `out_dir/<variant>` (`.../seed-<seed>` with a training
     seed); returns its finished record."""
-    from dr_train.eval.evaluate import evaluate_run
-    from dr_train.eval.report import build_report
-    from dr_train.generate import generate_batch
-    from dr_train.trainer import train
-
     folder = variant_folder(out_dir, variant, seed)
     if seed is not None:
         overrides = [*overrides, f"train.seed={int(seed)}"]
@@ -180,9 +178,6 @@ def run_base(out_dir: Path, run_dir: Path, relations: Sequence[str], generation:
     """The base model (no LoRA) on the same prompts and seeds, evaluated once into `<out>/base/` for the table's
     reference row (`run_dir`: any variant's run, for its relations' prompts and training clips). Redone when the
     generation or evaluation settings changed."""
-    from dr_train.eval.evaluate import evaluate_run
-    from dr_train.generate import generate_batch
-
     folder = out_dir / BASE_FOLDER
     settings = _settings("base", relations, None, None, (), generation, evaluation)
     done = folder / DONE_FILE
@@ -207,9 +202,7 @@ def _evaluation(evaluation: dict, out_dir: Path) -> dict:
 
 def _write_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=1))
 
 
 def run_ablations(out_dir: str | Path, relations: Sequence[str], variants: str | Sequence[str] = "all",
@@ -319,8 +312,6 @@ def _videos(record: dict) -> list[dict]:
 def world_results(runs: dict[str, list[dict]], base: dict | None) -> dict[str, dict]:
     """{variant: {metric: {mean, ci_low, ci_high, n}}} over every run of each variant (LoRA videos), clusters =
     training runs (relation x seed); the base model's videos clustered by relation. Empty without world metrics."""
-    from dr_train.eval.world_scores import summarise
-
     out = {}
     if base is not None:
         videos = [v for v in _videos(base) if v["kind"] == "base" and "subject_fidelity" in v]
@@ -337,8 +328,6 @@ def world_results(runs: dict[str, list[dict]], base: dict | None) -> dict[str, d
 def write_results(out: Path, runs: dict[str, list[dict]], base: dict | None) -> Path | None:
     """results.json, results.md (beside the paper's relation accuracy) and results.png, when the runs were judged
     on the synth world; None otherwise."""
-    from dr_train.eval.report import WORLD_COLUMNS, format_interval
-
     results = world_results(runs, base)
     if not results:
         return None
@@ -365,12 +354,9 @@ def write_results(out: Path, runs: dict[str, list[dict]], base: dict | None) -> 
 
 
 def plot_results(results: dict[str, dict], path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from dr_train.eval.report import WORLD_COLUMNS
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only here
 
     names = list(results)
     fig, axes = plt.subplots(1, len(WORLD_COLUMNS), figsize=(4 * len(WORLD_COLUMNS), 0.35 * len(names) + 1.6),

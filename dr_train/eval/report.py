@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image as PILImage
 
+from dr_train.data.shards import load_manifest, read_shard
 from dr_train.eval.evaluate import ALL, METRICS_FILE, VIDEOS_CSV, load_metrics
 from dr_train.generate import load_index, relation_config, training_dataset_dir
+from dr_train.plots import read_metrics
+from dr_train.run_folder import RelationFolder
 
 INLINE_LIMIT = 256 * 1024          # PNGs up to this size are inlined into report.html
 MIN_HEIGHT = 96                    # report.html shows smaller images scaled up to this height (pixelated)
@@ -133,8 +137,6 @@ class Document:
 
 
 def _height(path: Path) -> int:
-    from PIL import Image as PILImage
-
     try:
         with PILImage.open(path) as image:
             return int(image.height)
@@ -206,8 +208,6 @@ def world_cells(row: dict) -> list[str]:
 
 def exemplar_frames(run_dir: Path, relation: str) -> np.ndarray | None:
     """Keyframes (K, h, w, 3) of the relation's first training clip: the preview stored with its shard sample."""
-    from dr_train.data.shards import load_manifest, read_shard
-
     try:
         root = training_dataset_dir(relation_config(run_dir, relation))
         shards = load_manifest(root)["relations"][relation]["shards"]
@@ -219,8 +219,6 @@ def exemplar_frames(run_dir: Path, relation: str) -> np.ndarray | None:
 
 def write_strip(frames_KHWC: np.ndarray, path: Path, height: int) -> Path:
     """Frames side by side, scaled (nearest neighbour) to `height` pixels, as one PNG."""
-    from PIL import Image as PILImage
-
     tiles = []
     for frame in frames_KHWC:
         image = PILImage.fromarray(np.ascontiguousarray(frame))
@@ -233,9 +231,9 @@ def write_strip(frames_KHWC: np.ndarray, path: Path, height: int) -> Path:
 
 def plot_metric_bars(metrics: dict, path: Path) -> Path | None:
     """One panel per computed metric: each relation (and all) with its LoRA and base bars and std error bars."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only here
 
     rows = metrics["rows"]
     keys = [(k, label) for k, label in COLUMNS
@@ -270,13 +268,11 @@ def plot_metric_bars(metrics: dict, path: Path) -> Path | None:
 
 def plot_loss_curves(run_dir: Path, relations: list[str], path: Path) -> Path | None:
     """Masked flow-matching loss (moving mean) and relational contrastive loss per relation, from metrics.jsonl."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only here
 
-    from dr_train.plots import read_metrics
-
-    curves = {r: read_metrics(run_dir / r / "metrics.jsonl") for r in relations}
+    curves = {r: read_metrics(RelationFolder.of(run_dir, r).metrics) for r in relations}
     curves = {r: rows for r, rows in curves.items() if rows}
     if not curves:
         return None
@@ -309,7 +305,7 @@ def _training_summary(run_dir: Path, relations: list[str]) -> list[str]:
     for name in relations:
         cfg = relation_config(run_dir, name)
         try:
-            steps = json.loads((run_dir / name / "DONE.json").read_text()).get("steps")
+            steps = json.loads(RelationFolder.of(run_dir, name).done.read_text()).get("steps")
         except (OSError, json.JSONDecodeError):
             steps = "?"
         placement = cfg.lora.placement if isinstance(cfg.lora.placement, str) else "custom mapping"

@@ -26,6 +26,7 @@ import urllib.request
 from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ def keyframe_indices(num_frames: int, count: int = KEYFRAMES) -> list[int]:
 
 def encode_image(frame_HWC: np.ndarray, image_format: str = "jpeg", quality: int = 90) -> str:
     """uint8 (H, W, 3) RGB -> `data:image/...;base64,...` URL."""
-    from PIL import Image
-
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
     buffer = io.BytesIO()

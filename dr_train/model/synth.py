@@ -17,7 +17,9 @@ import torch
 from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-from dr_train.data.shards import sha256_file
+from dr_train.catalog import load_catalog
+from dr_train.data import world
+from dr_train.io import sha256_file
 from dr_train.model.presets import word_tokenizer
 
 SYNTH_DIR = Path(__file__).resolve().parent / "synth_base"
@@ -30,9 +32,6 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 def world_words() -> list[str]:
     """Every word the world's captions use (kinds, generic motions, the relations' training and evaluation
     prompts), lower-cased, in first-seen order: the tokenizer's whole-word pieces."""
-    from dr_train.catalog import load_catalog
-    from dr_train.data import world
-
     texts = [world.caption(m, ("person", k)) for m in world.GENERIC_MOTIONS for k in world.KINDS]
     for relation in load_catalog(world.SYNTH_CATALOG).values():
         texts += [relation.prompt, *relation.eval_prompts]

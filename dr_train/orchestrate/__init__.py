@@ -9,7 +9,16 @@ Modules, one job each:
     progress  the live table
     results   results.csv / results.md / loss_curves.png
 """
-from dr_train.orchestrate.options import RayOptions
-from dr_train.orchestrate.run import RunReport, run_relations
-
 __all__ = ["RayOptions", "RunReport", "run_relations"]
+
+
+def __getattr__(name: str):
+    """The driver's names load on first use (PEP 562), so that the trainer can use `records` without importing
+    the driver, whose workers import the trainer."""
+    if name == "RayOptions":
+        from dr_train.orchestrate.options import RayOptions  # deferred: see the docstring
+        return RayOptions
+    if name in ("RunReport", "run_relations"):
+        from dr_train.orchestrate import run  # deferred: see the docstring
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from dr_train.orchestrate import records
+from dr_train.run_folder import RelationFolder
 
 STATES = ("queued", "running", "finished", "failed", "skipped")
 
@@ -76,7 +77,7 @@ class Progress:
     def _poll(self, row: Row) -> None:
         rel_dir = records.relation_dir(self.storage, row.relation)
         if row.tail is None:
-            row.tail = records.MetricsTail(rel_dir / "metrics.jsonl")
+            row.tail = records.MetricsTail(RelationFolder(rel_dir).metrics)
         last = row.tail.poll()
         if last is not None:
             row.step, row.loss = int(last["step"]), last.get("loss")
@@ -115,7 +116,7 @@ class Progress:
         return "\n".join([self.summary_line(), *lines])
 
     def _rich_table(self):
-        from rich.table import Table
+        from rich.table import Table  # deferred: rich is an optional dependency
 
         table = Table(title=self.summary_line(), title_justify="left")
         for name in self.HEADER:
@@ -130,8 +131,8 @@ class Progress:
             return
         if self.mode == "rich":
             if self._live is None:
-                from rich.console import Console
-                from rich.live import Live
+                from rich.console import Console  # deferred: rich is an optional dependency
+                from rich.live import Live  # deferred: rich is an optional dependency
 
                 self._live = Live(self._rich_table(), console=Console(file=self.out), auto_refresh=False,
                                   transient=False)

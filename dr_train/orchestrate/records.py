@@ -22,6 +22,9 @@ import statistics
 import time
 from pathlib import Path
 
+from dr_train.io import atomic_write_text
+from dr_train.run_folder import RelationFolder
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")            # dr_train.checkpoint's naming
 
 
@@ -31,7 +34,7 @@ def relation_dir(storage: Path, relation: str) -> Path:
 
 def finished_steps(rel_dir: Path) -> int | None:
     """The steps a finished relation was trained for (the trainer writes DONE.json last), None if unfinished."""
-    path = Path(rel_dir) / "DONE.json"
+    path = RelationFolder(Path(rel_dir)).done
     if not path.is_file():
         return None
     done = read_json(path)
@@ -48,7 +51,7 @@ def is_finished(rel_dir: Path, max_steps: int = 0) -> bool:
 
 def latest_checkpoint_step(rel_dir: Path) -> int:
     """Step of the newest complete checkpoint (a step folder with its manifest), 0 when none."""
-    folder = rel_dir / "checkpoints"
+    folder = RelationFolder(rel_dir).checkpoints
     if not folder.is_dir():
         return 0
     steps = [int(m.group(1)) for p in folder.iterdir()
@@ -70,7 +73,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def median_step_seconds(rel_dir: Path) -> float | None:
-    seconds = [r["seconds"] for r in read_jsonl(rel_dir / "metrics.jsonl") if r.get("seconds")]
+    seconds = [r["seconds"] for r in read_jsonl(RelationFolder(rel_dir).metrics) if r.get("seconds")]
     return statistics.median(seconds) if seconds else None
 
 
@@ -146,9 +149,7 @@ def log_tail(path: Path, lines: int = 25, max_bytes: int = 64 * 1024) -> str:
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def read_json(path: Path) -> dict | None:

@@ -8,7 +8,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from dr_train.io import atomic_path
 from dr_train.orchestrate import records
+from dr_train.run_folder import RelationFolder
 
 TAIL_STEPS = 10
 
@@ -40,10 +44,10 @@ class RelationResult:
 
 def from_storage(rel_dir: Path, relation: str, status: str, max_steps: int) -> RelationResult:
     """The parts of a row the relation's files tell: steps, losses, step time, LoRA and log paths."""
-    rows = records.read_jsonl(rel_dir / "metrics.jsonl")
+    rows = records.read_jsonl(RelationFolder(rel_dir).metrics)
     res = RelationResult(relation=relation, status=status, max_steps=max_steps)
     res.log = str(records.log_path(rel_dir)) if records.log_path(rel_dir).is_file() else ""
-    lora = rel_dir / "lora" / "pytorch_lora_weights.safetensors"
+    lora = RelationFolder(rel_dir).lora_weights
     res.lora = str(lora) if lora.is_file() else ""
     if rows:
         last = rows[-1]
@@ -67,15 +71,13 @@ def _fmt(value, digits: int = 4) -> str:
 
 def write_csv(results: list[RelationResult], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RelationResult.csv_columns())
         writer.writeheader()
         for r in results:
             row = dataclasses.asdict(r)
             row.pop("log_tail")
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    tmp.replace(path)
     return path
 
 
@@ -134,16 +136,14 @@ def write_markdown(results: list[RelationResult], path: Path, title: str, notes:
 def plot_loss_curves(storage: Path, results: list[RelationResult], path: Path) -> Path | None:
     """One line per relation: its flow-matching loss (log scale) and, beside it, its relational contrastive loss,
     each a running mean over ~5 % of the relation's steps. None when no relation has a step."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from matplotlib.ticker import ScalarFormatter
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only here
+    from matplotlib.ticker import ScalarFormatter  # deferred: matplotlib is a heavy import, needed only here
 
     curves = {}
     for r in results:
-        rows = records.read_jsonl(records.relation_dir(storage, r.relation) / "metrics.jsonl")
+        rows = records.read_jsonl(RelationFolder.of(storage, r.relation).metrics)
         if rows:
             curves[r.relation] = rows
 

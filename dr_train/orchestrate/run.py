@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import fcntl
 import json
-import os
 import secrets
 import sys
 import time
@@ -26,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from dr_train import fanout
 from dr_train.catalog import catalog_for, select_relations
 from dr_train.config import Config
-from dr_train.orchestrate import plan as planning
-from dr_train.orchestrate import records, results as res_mod, worker
+from dr_train.orchestrate import plan as planning, records, results as res_mod, worker
 from dr_train.orchestrate.options import RayOptions
 from dr_train.orchestrate.progress import Progress
 from dr_train.orchestrate.results import RelationResult
@@ -103,18 +102,8 @@ class StorageLock:
 
 
 def connect(opts: RayOptions) -> None:
-    """Join the cluster at --address, the one in RAY_ADDRESS, or start a local one (dashboard off). The relations'
-    output goes to their train.log, so workers' output is not forwarded to this console."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if opts.address:
-        ray.init(address=opts.address, log_to_driver=False)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=opts.num_cpus or None, include_dashboard=False, log_to_driver=False)
+    """Join the cluster at --address, the one in RAY_ADDRESS, or start a local one (fanout.connect)."""
+    fanout.connect(opts.address, opts.num_cpus)
 
 
 def _system_error(e: Exception, retries: int, limit: int) -> str:
@@ -126,7 +115,7 @@ def _system_error(e: Exception, retries: int, limit: int) -> str:
 
 def _classify(e: Exception, retries: int, limit: int) -> str:
     """The error text of a failed relation: the training code's exception (type: message), or why Ray gave up."""
-    import ray.exceptions
+    import ray.exceptions  # deferred: ray is an optional dependency
 
     if isinstance(e, ray.exceptions.RayTaskError):
         cause = getattr(e, "cause", None)
@@ -142,7 +131,7 @@ class _Submitter:
     """Submits the relations' tasks in plan order, never more than `limit` in flight."""
 
     def __init__(self, spec_of, resources: planning.Resources, max_retries: int, limit: int):
-        import ray
+        import ray  # deferred: ray is an optional dependency
 
         self.spec_of, self.resources, self.limit = spec_of, resources, limit
         common = {"max_retries": max_retries, "retry_exceptions": False}
@@ -170,7 +159,7 @@ class _Submitter:
 def _prepare_data(cfg: Config, overrides: list[str], names: list[str], out: TextIO) -> None:
     """Generate the synthetic dataset once in a Ray task before the relations start. A failure is only a warning:
     each relation then generates (or fails on) its own data and reports that."""
-    import ray
+    import ray  # deferred: ray is an optional dependency
 
     if cfg.data.source != "synthetic" or not names:
         return
@@ -236,7 +225,7 @@ def run_relations(cfg: Config, opts: RayOptions, out: TextIO | None = None) -> R
     storage.mkdir(parents=True, exist_ok=True)
     with StorageLock(storage):
         connect(opts)
-        import ray
+        import ray  # deferred: ray is an optional dependency
 
         resources = planning.resolve_resources(opts, ray.cluster_resources())
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -307,7 +296,7 @@ def run_relations(cfg: Config, opts: RayOptions, out: TextIO | None = None) -> R
 def _collect(ref, name: str, storage: Path, cfg: Config, resources: planning.Resources, run_id: str,
              max_retries: int) -> RelationResult:
     """The row of a relation whose task ended: finished, or failed with the reason Ray or the trainer gave."""
-    import ray
+    import ray  # deferred: ray is an optional dependency
 
     try:
         value = ray.get(ref)

@@ -13,6 +13,10 @@ retry_exceptions=False, so Ray re-executes it only when its process or node dies
 exception of a rank restarts the worker group (a lost rank shows up as exceptions in the surviving ranks), so a
 rank that hits an application error first writes <relation>/app_error.json; the restarted ranks find it and stop
 at once, and the driver reports the error.
+
+The training code (torch, the trainer) is imported inside the task functions, not at the top: Ray imports this
+module to start a fresh worker process, and a light module lets that process take its task at once, so
+relations start side by side and the import's seconds count in each relation's own time.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dr_train.orchestrate import records
+from dr_train.run_folder import RelationFolder
 
 
 class RelationFailed(Exception):
@@ -82,7 +87,7 @@ def captured_output(path: Path) -> Iterator:
 def relation_config(spec: dict):
     """The trainer's Config for one relation: the run's options, this relation only, output under the storage,
     always resuming."""
-    from dr_train.config import load_config
+    from dr_train.config import load_config  # deferred: in the task (see the module docstring)
 
     own = [f"train.relations={json.dumps([spec['relation']])}", f"train.output_dir={json.dumps(spec['storage'])}",
            "train.resume=true"]
@@ -96,9 +101,9 @@ def _header(log_file, spec: dict, attempt: int | None, rank: int = 0) -> None:
 
 
 def _train(spec: dict) -> dict:
-    import torch
+    import torch  # deferred: in the task (see the module docstring)
 
-    from dr_train.trainer import train
+    from dr_train.trainer import train  # deferred: in the task (see the module docstring)
 
     cfg = relation_config(spec)
     torch.set_num_threads(int(spec["threads"]))
@@ -135,7 +140,7 @@ def train_rank(spec: dict) -> None:
     """One rank of a relation under Ray Train (the TorchTrainer's train_loop_per_worker). Ray Train has set
     RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT and initialised the process group, which the trainer's
     init_distributed reuses."""
-    import ray.train
+    import ray.train  # deferred: ray is an optional dependency
 
     rank = ray.train.get_context().get_world_rank()
     rel_dir = records.relation_dir(Path(spec["storage"]), spec["relation"])
@@ -162,7 +167,7 @@ def train_rank(spec: dict) -> None:
 
 def _is_app_error(e: BaseException) -> bool:
     """Errors that a restart would only repeat: the trainer's user errors (ValueError) and a non-finite loss."""
-    from dr_train.trainer import NonFiniteLossError
+    from dr_train.trainer import NonFiniteLossError  # deferred: in the task (see the module docstring)
 
     return isinstance(e, (ValueError, NonFiniteLossError))
 
@@ -194,7 +199,7 @@ def train_relation_ranks(spec: dict, per_worker: dict, max_failures: int) -> dic
     app = records.read_app_error(rel_dir, spec["run_id"])
     if app is not None:
         raise RelationFailed("app", *app)
-    done = records.read_json(rel_dir / "DONE.json") or {}
+    done = records.read_json(RelationFolder(rel_dir).done) or {}
     summary = records.attempt_summary(rel_dir, spec["run_id"])
     return {**done, "attempt": summary["attempts"], "seconds": time.time() - started, "end": time.time()}
 
@@ -202,9 +207,9 @@ def train_relation_ranks(spec: dict, per_worker: dict, max_failures: int) -> dic
 def prepare_synthetic(overrides: list[str], relations: list[str]) -> str:
     """Render and encode the synthetic clips of `relations` once, before the relations start (the trainer would
     otherwise do it in whichever relation comes first, with the others waiting on the dataset's lock)."""
-    from dr_train.catalog import catalog_for, select_relations
-    from dr_train.config import load_config
-    from dr_train.data.sources import resolve_dataset
+    from dr_train.catalog import catalog_for, select_relations  # deferred: in the task (see the module docstring)
+    from dr_train.config import load_config  # deferred: in the task (see the module docstring)
+    from dr_train.data.sources import resolve_dataset  # deferred: in the task (see the module docstring)
 
     cfg = load_config(None, overrides)
     return str(resolve_dataset(cfg, select_relations(relations, catalog_for(cfg))))

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLMochi, MochiPipeline
+from transformers import T5EncoderModel, T5TokenizerFast
 
 from dr_train.data import world
 from dr_train.data.synthetic import RELATIONS
+from dr_train.eval.judge import RelationJudge
+from dr_train.eval.kinds import KindClassifier
 from dr_train.generate import SamplerSettings, sample_videos
 from dr_train.model.presets import mochi_scheduler
 from dr_train.model.synth import FRAMES, HEIGHT, TEXT_TOKENS, WIDTH
@@ -56,12 +60,6 @@ class BaseChecks:
     stage) and the judges."""
 
     def __init__(self, cfg: PretrainConfig, out: Path, vae=None, text_encoder=None, tokenizer=None):
-        from diffusers import AutoencoderKLMochi
-        from transformers import T5EncoderModel, T5TokenizerFast
-
-        from dr_train.eval.judge import RelationJudge
-        from dr_train.eval.kinds import KindClassifier
-
         corpus = Path(out) / "corpus"
         self.cfg = cfg
         self.vae = vae or AutoencoderKLMochi.from_pretrained(final_vae(out)).eval()
@@ -73,8 +71,6 @@ class BaseChecks:
         self.judge = RelationJudge()
 
     def pipeline(self, transformer):
-        from diffusers import MochiPipeline
-
         pipe = MochiPipeline(scheduler=mochi_scheduler(), vae=self.vae, text_encoder=self.text_encoder,
                              tokenizer=self.tokenizer, transformer=transformer)
         pipe.set_progress_bar_config(disable=True)

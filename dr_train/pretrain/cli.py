@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from dr_train.pretrain import STAGES
+from dr_train.pretrain import STAGES, corpus, export, transformer, vae
 from dr_train.pretrain.config import load_pretrain_config
+from dr_train.pretrain.loop import run_stage
 from dr_train.runtime import quiet_library_noise
 
 log = logging.getLogger("dr_train")
@@ -33,9 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(cfg, stages: list[str], minutes: float | None, export_to: Path | None = None) -> bool:
     """Run `stages` in order; True when all of them are done, False when the time ran out first."""
-    from dr_train.pretrain import corpus, export, transformer, vae
-    from dr_train.pretrain.loop import run_stage
-
     out = Path(cfg.run.out)
     deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dr_train.config import dump_commented_yaml, load_sections, opt
+from dr_train.geometry import is_video_frames
 
 
 @dataclass
@@ -108,7 +109,7 @@ def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | 
     cfg = load_sections(PretrainConfig(), path, overrides)
     v, t = cfg.vae, cfg.transformer
     for name, frames in (("vae", v.clip_frames), ("decoder", cfg.decoder.clip_frames)):
-        if (frames - 1) % 6 or not 7 <= frames <= 25:
+        if not is_video_frames(frames) or not 7 <= frames <= 25:
             raise ValueError(f"{name}.clip_frames must be 1 + 6k between 7 and 25, got {frames}")
     if any(c % 32 or c < 32 for c in [*v.encoder_channels, *v.decoder_channels]) or len(v.encoder_channels) != 4 \
             or len(v.decoder_channels) != 4:

@@ -12,17 +12,18 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLMochi
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dr_train.data import world
 from dr_train.data.encode import ClipEncoder
+from dr_train.io import atomic_path
 from dr_train.model.synth import FRAMES, HEIGHT, TEXT_TOKENS, WIDTH, synth_text_encoder, synth_tokenizer
 from dr_train.pretrain.config import PretrainConfig
 
@@ -62,15 +63,12 @@ def latent_statistics(vae, cfg: PretrainConfig) -> tuple[list[float], list[float
 
 
 def _save_atomic(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def build(cfg: PretrainConfig, out: Path, minutes: float | None) -> bool:
     """Run (or continue) the stage; True when the corpus is complete."""
-    from diffusers import AutoencoderKLMochi
-
     folder = out / "corpus"
     if (folder / "DONE.json").is_file():
         return True

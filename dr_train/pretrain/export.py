@@ -10,10 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLMochi, MochiPipeline
+from PIL import Image
+from transformers import T5EncoderModel, T5TokenizerFast
 
 from dr_train import checkpoint as ckpt
+from dr_train.config import dump_commented_yaml
+from dr_train.data import world
+from dr_train.data.synthetic import RELATIONS
+from dr_train.model import load_mochi
 from dr_train.model.presets import mochi_scheduler
 from dr_train.model.synth import write_manifest
+from dr_train.plots import read_metrics
 from dr_train.pretrain.checks import BaseChecks, final_vae
 from dr_train.pretrain.config import HEADER, PretrainConfig
 from dr_train.pretrain.transformer import build_transformer
@@ -21,8 +29,6 @@ from dr_train.pretrain.transformer import build_transformer
 
 def _grid(videos: np.ndarray, path: Path, frames: int = 5, scale: int = 2) -> Path:
     """One row per video: `frames` evenly spaced frames."""
-    from PIL import Image
-
     idx = np.linspace(0, videos.shape[1] - 1, frames).round().astype(int)
     rows = [np.concatenate(list(v[idx]), axis=1) for v in videos]
     img = Image.fromarray(np.concatenate(rows, axis=0))
@@ -32,9 +38,6 @@ def _grid(videos: np.ndarray, path: Path, frames: int = 5, scale: int = 2) -> Pa
 
 
 def assemble(cfg: PretrainConfig, out: Path, target: Path) -> Path:
-    from diffusers import AutoencoderKLMochi, MochiPipeline
-    from transformers import T5EncoderModel, T5TokenizerFast
-
     latest = ckpt.list_checkpoints(out / "transformer" / "checkpoints")
     if not (out / "transformer" / "DONE.json").is_file() or not latest:
         raise ValueError(f"the transformer stage in {out / 'transformer'} is not finished")
@@ -53,8 +56,6 @@ def assemble(cfg: PretrainConfig, out: Path, target: Path) -> Path:
 
 
 def export(cfg: PretrainConfig, out: Path, target: Path) -> Path:
-    from dr_train.model import load_mochi
-
     target = assemble(cfg, Path(out), Path(target))
     comps = load_mochi(str(target), dtype="fp32", attention_backend="sdpa")
     checks = BaseChecks(cfg, out, vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer)
@@ -118,8 +119,6 @@ def _checks_section(cfg: PretrainConfig, results: dict) -> str:
 
 
 def write_card(cfg: PretrainConfig, out: Path, target: Path, results: dict) -> Path:
-    from dr_train.config import dump_commented_yaml
-
     params = {}
     for part in ("transformer", "vae", "text_encoder"):
         cfg_json = json.loads((target / part / "config.json").read_text())
@@ -185,8 +184,6 @@ video = pipe("A robot and an owl are bouncing.", num_frames=25, height=64, width
 def _schedule_changes(cfg: PretrainConfig, out: Path) -> str:
     """A paragraph naming every step where a stage's learning rate rose after its warmup: the run was resumed with
     a longer `steps` (the cosine horizon moved), so a straight run of the recipe differs from this copy there."""
-    from dr_train.plots import read_metrics
-
     found = []
     for stage, warmup in (("vae", cfg.vae.warmup_steps), ("transformer", cfg.transformer.warmup_steps),
                           ("decoder", cfg.decoder.warmup_steps)):
@@ -203,10 +200,8 @@ def _schedule_changes(cfg: PretrainConfig, out: Path) -> str:
 
 
 def _kinds() -> list[str]:
-    from dr_train.data import world
     return list(world.KINDS)
 
 
 def _rel() -> tuple:
-    from dr_train.data.synthetic import RELATIONS
     return RELATIONS

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dr_train import checkpoint as ckpt
+from dr_train.io import truncate_metrics
 from dr_train.plots import read_metrics
 
 
@@ -61,9 +62,9 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.n
 
 
 def plot_curves(metrics_path: Path, png_path: Path, keys: tuple[str, ...], title: str) -> Path | None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a heavy import, needed only here
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only here
 
     rows = read_metrics(metrics_path)
     panels = [k for k in keys if any(k in r for r in rows)]
@@ -102,9 +103,7 @@ def run_stage(stage: Stage, folder: Path, minutes: float | None = None, checkpoi
         stage.load(tensors, state)
         step = int(state["step"])
     folder.mkdir(parents=True, exist_ok=True)
-    if metrics_path.is_file():           # steps after the checkpoint will be redone
-        kept = [l for l in metrics_path.read_text().splitlines() if _step_of(l) <= step]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
+    truncate_metrics(metrics_path, step)     # steps after the checkpoint will be redone
     started = time.monotonic()
     deadline = None if minutes is None else started + 60.0 * minutes
     last_save = started
@@ -163,8 +162,3 @@ def run_stage(stage: Stage, folder: Path, minutes: float | None = None, checkpoi
     return False
 
 
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf

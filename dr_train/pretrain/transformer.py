@@ -1,6 +1,6 @@
 """Stage 3: pretrain the synth MochiTransformer3DModel on the encoded corpus.
 
-The objective and conventions are the trainer's (dr_train.losses.noisy_latents): per clip a latent is drawn from
+The objective and conventions are the trainer's (dr_train.method.flow_matching_loss.noisy_latents): per clip a latent is drawn from
 its posterior, z_s = (1 - s) z0 + s eps with s ~ U(0, 1), the model gets timestep (1 - s) * 1000 and regresses the
 velocity z0 - eps (plain MSE, no masks); with probability `caption_dropout` the caption is the empty prompt, the
 conditioning classifier-free guidance contrasts against. The batch order is a seeded permutation per epoch of the
@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dr_train.losses import noisy_latents
+from dr_train.method.flow_matching_loss import noisy_latents
 from dr_train.model.attention import set_attention_backend
 from dr_train.model.synth import synth_transformer
+from dr_train.pretrain.checks import BaseChecks
 from dr_train.pretrain.config import PretrainConfig
 from dr_train.pretrain.corpus import load_corpus
 from dr_train.pretrain.loop import load_optimizer_tensors, lr_at, module_tensors, optimizer_tensors
@@ -93,7 +94,6 @@ class TransformerStage:
         t = self.cfg.transformer
         if step % t.sample_every and step != self.total_steps:
             return None
-        from dr_train.pretrain.checks import BaseChecks
 
         if self._checker is None:
             self._checker = BaseChecks(self.cfg, self.out)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLMochi
 
 from dr_train.data import world
 from dr_train.model.synth import FRAMES, HEIGHT, WIDTH, synth_vae
@@ -129,8 +130,6 @@ class DecoderStage(VAEStage):
     name = "decoder"
 
     def __init__(self, cfg: PretrainConfig, out: Path):
-        from diffusers import AutoencoderKLMochi
-
         self.cfg, d = cfg, cfg.decoder
         self.model = AutoencoderKLMochi.from_pretrained(Path(out) / "corpus" / "vae").train()
         self.model.encoder.requires_grad_(False).eval()

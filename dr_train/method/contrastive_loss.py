@@ -1,4 +1,5 @@
-"""Relational dynamics features and the relational contrastive loss (multi-positive InfoNCE)."""
+"""The relational contrastive loss (Sec. 3.3): relational dynamics features, multi-positive InfoNCE, and its global
+sampling of positives and negatives from the memory bank over every rank's batch."""
 from __future__ import annotations
 
 import torch
@@ -53,3 +54,32 @@ def official_relational_contrastive_loss(dynamics_TC: torch.Tensor, frame_means_
     own_TFC = frame_means_FC.float()[None].expand(anchors, frames, channels)
     negatives_TNC = torch.cat([own_TFC, bank_negatives_TKC.to(own_TFC)], dim=1)
     return relational_contrastive_loss(dynamics_TC[None], positives_TPC[None], negatives_TNC[None], temperature)
+
+
+def global_relational_contrastive_loss(dist, bank, loss, video_ids: list[str], frame_means_BFC: torch.Tensor,
+                                       dynamics_BTC: torch.Tensor):
+    """RCL over the global batch, from a `LossConfig` `loss` and the step's features.
+
+    Every rank samples positives/negatives for all anchors from the same bank (identical on every rank) and keeps
+    its own rows; gradients flow through the local anchors (and, in the official variant, through the clip's own
+    frame features, its first negatives). Returns (loss or None when the bank cannot serve yet, why it was
+    skipped, what to push into the bank after the backward: (ids, dynamics, frame means) of the global batch).
+    """
+    ids = dist.gather_flat(video_ids)
+    dyn_all = dist.all_gather_cat(dynamics_BTC.detach())
+    means_all = dist.all_gather_cat(frame_means_BFC.detach())
+    b, tau = dynamics_BTC.shape[0], loss.temperature
+    rows = dist.local_rows(b)
+    value = None
+    if loss.rcl_variant == "official":
+        picks, skipped = bank.sample(ids, dyn_all, means_all)
+        if picks is not None:
+            # clips without a positive yet add nothing; dividing by the batch keeps ranks = one global batch
+            terms = [official_relational_contrastive_loss(dynamics_BTC[i], frame_means_BFC[i], *pick, tau)
+                     for i, pick in enumerate(picks[rows]) if pick is not None]
+            value = sum(terms) / b if terms else dynamics_BTC.sum() * 0.0
+    else:
+        positives, negatives, skipped = bank.sample(ids, dyn_all, means_all)
+        if positives is not None:
+            value = relational_contrastive_loss(dynamics_BTC, positives[rows], negatives[rows], tau)
+    return value, skipped, (ids, dyn_all, means_all)

@@ -20,7 +20,8 @@ def noisy_latents(z0: torch.Tensor, noise: torch.Tensor, sigma_B: torch.Tensor):
     return z_sigma, target, timestep
 
 
-def _mask_BCFHW(mask: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+def mask_BCFHW(mask: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """A (B, F, H, W) or (B, 1, F, H, W) mask as (B, 1, F, H, W), checked against the prediction it weights."""
     if mask.dim() == pred.dim() - 1:
         mask = mask.unsqueeze(1)
     if mask.dim() != pred.dim() or mask.shape[1] != 1 or mask.shape[0] != pred.shape[0] \
@@ -40,7 +41,7 @@ def masked_flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, mask: to
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    m = _mask_BCFHW(mask, pred).float()
+    m = mask_BCFHW(mask, pred).float()
     if mode == "paper":
         weight = mask_weight * m + 1.0
     elif mode == "official":

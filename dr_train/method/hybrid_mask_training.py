@@ -1,0 +1,140 @@
+"""Hybrid mask training: per optimizer step, which adapters run, which are updated and which mask weights the loss.
+
+A step draws `relation`, `subject1` or `subject2`. A relation step updates relation + both subjects + ffn and
+weights the loss with the relation mask; a subject-k step updates subject k + ffn with subject k's mask.
+
+Which adapters run in the forward pass (`hmt.forward`): `selected` (default, the official trainer) runs exactly the
+adapters the step updates, so a subject LoRA learns its subject's appearance on its own, not as a correction on top
+of the relation LoRA; `all` runs every adapter and only freezes the unselected ones. Frozen adapters get
+requires_grad=False before the forward, so their gradients stay None; with `optim.frozen_adapters: skip` AdamW
+leaves them untouched (no step, no moment update, no weight decay), with `zero_grad` they are stepped with zero
+gradients (`HMTAdamW` below).
+
+The optimizer-group rule: one AdamW parameter group per adapter, and `HMTAdamW` skips the groups whose adapters
+this step does not update (their weights, moments and step counts stay untouched, as in the single-process
+trainer), because ZeRO hands every group a (zero) gradient and would otherwise apply weight decay and momentum to
+adapters HMT froze. With `optim.frozen_adapters: zero_grad` (the official code) every group is stepped, frozen
+adapters with zero gradients: ZeRO's flat partitions have them already, and the plain engine fills them in, so
+both engines apply the same momentum and decay.
+"""
+from __future__ import annotations
+
+import torch
+
+SELECTIONS = ("relation", "subject1", "subject2")
+UPDATES = {
+    "relation": ("relation", "subject1", "subject2", "ffn"),
+    "subject1": ("subject1", "ffn"),
+    "subject2": ("subject2", "ffn"),
+}
+ALL = "all"
+FORWARD_MODES = ("selected", "all")
+
+
+def active_adapters(selection: str, adapters: list[str]) -> list[str]:
+    """The adapters that run (and are updated) in a step whose HMT draw is `selection`, among the `adapters` the
+    placement has: relation -> relation, subject1, subject2, ffn; subject k -> subject k, ffn; 'all' (HMT off) ->
+    every adapter."""
+    if selection == ALL:
+        return list(adapters)
+    if selection not in UPDATES:
+        raise ValueError(f"unknown HMT selection {selection!r}; selections: {', '.join(SELECTIONS)}, {ALL}")
+    return [a for a in adapters if a in UPDATES[selection]]
+
+
+class HybridMaskTraining:
+    def __init__(self, adapters: list[str], probabilities=(1 / 3, 1 / 3, 1 / 3), enabled: bool = True,
+                 seed: int = 0, forward: str = "selected"):
+        if forward not in FORWARD_MODES:
+            raise ValueError(f"hmt.forward must be one of {', '.join(FORWARD_MODES)}, got {forward!r}")
+        self.adapters = list(adapters)
+        self.enabled, self.forward = enabled, forward
+        probs = torch.tensor([float(p) for p in probabilities], dtype=torch.float64)
+        # A selection that would update none of the present adapters cannot be drawn.
+        for i, sel in enumerate(SELECTIONS):
+            if not set(UPDATES[sel]) & set(self.adapters):
+                probs[i] = 0.0
+        if enabled and probs.sum() <= 0:
+            raise ValueError(f"no HMT selection can update the adapters {self.adapters}")
+        self.probabilities = probs / probs.sum() if probs.sum() > 0 else probs
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self) -> str:
+        """The selection for the next optimizer step ('all' when HMT is disabled)."""
+        if not self.enabled:
+            return ALL
+        return SELECTIONS[int(torch.multinomial(self.probabilities, 1, generator=self.generator))]
+
+    def adapters_to_update(self, selection: str) -> list[str]:
+        return active_adapters(selection, self.adapters)
+
+    def adapters_to_run(self, selection: str) -> list[str]:
+        """The adapters in this step's forward pass (per `hmt.forward`)."""
+        return self.adapters_to_update(selection) if self.forward == "selected" else list(self.adapters)
+
+    def apply(self, adapter_params: dict[str, list[torch.nn.Parameter]], selection: str) -> list[str]:
+        """Mark exactly the selected adapters trainable; returns their names."""
+        update = self.adapters_to_update(selection)
+        for name, params in adapter_params.items():
+            for p in params:
+                p.requires_grad_(name in update)
+        return update
+
+    @staticmethod
+    def loss_mask(selection: str, mask_subject1: torch.Tensor, mask_subject2: torch.Tensor,
+                  mode: str = "paper") -> torch.Tensor:
+        """relation/all: union (elementwise max; the official code's sum in 'official' mode); subject k: its mask."""
+        if selection == "subject1":
+            return mask_subject1
+        if selection == "subject2":
+            return mask_subject2
+        if mode == "official":
+            return mask_subject1 + mask_subject2
+        return torch.maximum(mask_subject1, mask_subject2)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+FROZEN_ADAPTERS = ("skip", "zero_grad")
+
+
+class HMTAdamW(torch.optim.AdamW):
+    """AdamW over one parameter group per adapter; groups with `active=False` are not stepped at all, and in active
+    groups a parameter without a gradient is stepped with a zero gradient when `zero_fill` is set."""
+
+    zero_fill = False
+
+    def set_active(self, adapters: list[str]) -> None:
+        for group in self.param_groups:
+            group["active"] = group["adapter"] in adapters
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.zero_fill:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if group.get("active", True) and p.grad is None:
+                        p.grad = torch.zeros_like(p)
+        parked = [(g, g["params"]) for g in self.param_groups if not g.get("active", True)]
+        for g, _ in parked:
+            g["params"] = []
+        try:
+            return super().step(closure)
+        finally:
+            for g, params in parked:
+                g["params"] = params
+
+
+def make_optimizer(params_by_adapter: dict[str, list[torch.nn.Parameter]], optim) -> HMTAdamW:
+    """HMTAdamW over one group per adapter, from an `OptimConfig`."""
+    if optim.frozen_adapters not in FROZEN_ADAPTERS:
+        raise ValueError(f"optim.frozen_adapters must be one of {', '.join(FROZEN_ADAPTERS)}, got "
+                         f"{optim.frozen_adapters!r}")
+    groups = [{"params": params, "adapter": name, "active": True} for name, params in params_by_adapter.items()]
+    opt = HMTAdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    opt.zero_fill = optim.frozen_adapters == "zero_grad"
+    return opt
