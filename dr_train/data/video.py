@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,12 @@ _RESIZE_CHUNK = 8            # frames resized at once: bounds the float copy of 
 _SHORT_FRACTION = 0.05       # decoding may fall this far short of the header's frame count (B-frames, edit lists)
 _SHORT_FRAMES = 2            # ... or this many frames, whichever is larger, before the file counts as truncated
 _ASPECT_TOLERANCE = 0.02     # masks may come at another resolution than the video, but not another aspect ratio
+
+
+def _av():
+    """PyAV, imported on first use (deferred: it loads FFmpeg, and only reading or writing video files needs it)."""
+    import av
+    return av
 
 
 class VideoError(ValueError):
@@ -228,8 +233,8 @@ def _choose_backend(backend: str) -> str:
 
 def _open(path: Path):
     try:
-        return av.open(str(path))
-    except av.FFmpegError as e:
+        return _av().open(str(path))
+    except _av().FFmpegError as e:
         raise VideoError(f"{path}: cannot be opened as a video (not a video, or corrupt/truncated): {e}") from e
 
 
@@ -254,7 +259,7 @@ def _expected_frames(stream, container, fps: float) -> int | None:
     if stream.duration and stream.time_base:
         return round(float(stream.duration * stream.time_base) * fps)
     if container.duration:
-        return round(container.duration / av.time_base * fps)
+        return round(container.duration / _av().time_base * fps)
     return None
 
 
@@ -275,7 +280,7 @@ def _decode_pyav(path: Path) -> tuple[np.ndarray, float, int | None]:
         try:
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
-        except av.FFmpegError as e:
+        except _av().FFmpegError as e:
             raise VideoError(f"{path}: decoding failed after {len(frames)} frames (corrupt or truncated): "
                              f"{e}") from e
     return _stack(frames, path), fps, expected
@@ -349,14 +354,14 @@ def write_mp4(frames_FHWC: np.ndarray, path: str | Path, fps: float = 30) -> Pat
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
     height, width = frames.shape[1:3]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    with _av().open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
         for frame in frames:
             if width % 2 or height % 2:
                 frame = np.pad(frame, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for packet in stream.encode(_av().VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
