@@ -167,10 +167,6 @@ class CheckpointManager:
             else:
                 part.load_state_dict(state[key])
 
-    def latest(self) -> Path | None:
-        found = list_checkpoints(self.folder)
-        return found[-1] if found else None
-
 
 class RngStreams:
     """Named random generators saved together as one tensor file; `None` stands for torch's global generator."""
