@@ -70,11 +70,11 @@ def synth_vae(seed: int, encoder_channels=(32, 32, 64, 64), decoder_channels=(32
 
 
 def synth_transformer(seed: int, text_dim: int, heads: int = 6, head_dim: int = 32, layers: int = 6,
-                      context_dim: int = 96, time_embed_dim: int = 128) -> MochiTransformer3DModel:
+                      context_dim: int = 96, time_embed_dim: int = 128, patch_size: int = 2) -> MochiTransformer3DModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MochiTransformer3DModel(
-            patch_size=2, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+            patch_size=patch_size, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
             pooled_projection_dim=context_dim, in_channels=12, text_embed_dim=text_dim,
             time_embed_dim=time_embed_dim, activation_fn="swiglu", max_sequence_length=TEXT_TOKENS,
         )

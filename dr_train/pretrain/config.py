@@ -62,6 +62,7 @@ class TransformerSection:
     corpus (z_s = (1-s) z0 + s eps, s ~ U(0,1), target z0 - eps, timestep (1-s)*1000)."""
     heads: int = opt(6, "attention heads")
     head_dim: int = opt(32, "width per head")
+    patch_size: int = opt(2, "latent pixels per token side (Mochi-1 uses 2; 1 gives a subject of the 64 px world ~4 tokens instead of ~1)")
     layers: int = opt(6, "MM-DiT blocks")
     context_dim: int = opt(96, "width of the text stream (pooled_projection_dim)")
     time_embed_dim: int = opt(128, "timestep embedding width")

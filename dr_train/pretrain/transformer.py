@@ -27,7 +27,7 @@ from dr_train.pretrain.loop import load_optimizer_tensors, lr_at, module_tensors
 def build_transformer(cfg: PretrainConfig):
     t = cfg.transformer
     model = synth_transformer(cfg.world.seed + 3, cfg.text.d_model, t.heads, t.head_dim, t.layers, t.context_dim,
-                              t.time_embed_dim)
+                              t.time_embed_dim, t.patch_size)
     set_attention_backend(model, "sdpa")
     return model
 
