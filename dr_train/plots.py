@@ -50,12 +50,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
                 axes[2].plot(*zip(*pts), marker="o", color=colour, label=key.removeprefix("validation_"))
         axes[2].set(xlabel="step", ylabel="validation (judged videos)", ylim=(-0.02, 1.02))
         axes[2].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path, title, dpi=110)
 
 
 def keyframe_grid(frames_FHWC: np.ndarray, png_path: Path, count: int = 5) -> Path:
@@ -70,4 +65,16 @@ def keyframe_grid(frames_FHWC: np.ndarray, png_path: Path, count: int = 5) -> Pa
     grid = np.concatenate(list(picked), axis=1)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(png_path)
+    return png_path
+
+
+def save_figure(fig, png_path: Path, title: str, dpi: int = 100) -> Path:
+    """Title, lay out and write a matplotlib figure as a PNG (parent folders created), then free it."""
+    import matplotlib.pyplot as plt  # deferred: matplotlib is a heavy import, needed only for pictures
+    fig.suptitle(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=dpi)
+    plt.close(fig)
     return png_path

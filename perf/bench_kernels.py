@@ -332,7 +332,7 @@ def parse_shape(text: str) -> tuple:
     return dims
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="tiny,mochi,sweep", help="comma list of " + ", ".join(SIZES))
     ap.add_argument("--shape", action="append", type=parse_shape, default=[], help="extra B,C,F,H,W (repeatable)")
@@ -354,12 +354,11 @@ def main(argv=None) -> int:
                     help="on CPU the Triton interpreter is slow: skip triton above this many elements")
     ap.add_argument("--out", default=str(REPO / "perf" / "results"), help="folder of the CSV and the plot")
     ap.add_argument("--no-plot", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
 
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        ap.error("--device cuda but CUDA is not available")
+
+def selections(ap: argparse.ArgumentParser, args, cuda: bool) -> tuple[list, list, list, list, list]:
+    """dtypes, impls, kernels, passes and shapes asked for (argparse errors for unknown names)."""
     dtypes = (args.dtypes or ("fp32,bf16" if cuda else "fp32")).split(",")
     impls = [i for i in args.impls.split(",") if i]
     kernels_ = [k for k in args.kernels.split(",") if k]
@@ -374,7 +373,17 @@ def main(argv=None) -> int:
         if s not in SIZES:
             ap.error(f"unknown size set {s!r}; available: {', '.join(SIZES)}")
         shapes += SIZES[s]
-    shapes += args.shape
+    return dtypes, impls, kernels_, passes, shapes + args.shape
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda but CUDA is not available")
+    dtypes, impls, kernels_, passes, shapes = selections(ap, args, cuda)
     reps = args.reps or (50 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
 
@@ -394,81 +403,103 @@ def main(argv=None) -> int:
           f"git {env['git_hash']}")
     timer = Timer(device)
     rows = []
-    header = f"{'kernel':16s} {'impl':8s} {'pass':4s} {'shape':>20s} {'dtype':5s} {'median ms':>10s} " \
-             f"{'p20':>9s} {'p80':>9s} {'GB/s':>8s} {'%peak':>6s} {'mem MB':>8s}  check"
-    print(header)
+    print(f"{'kernel':16s} {'impl':8s} {'pass':4s} {'shape':>20s} {'dtype':5s} {'median ms':>10s} "
+          f"{'p20':>9s} {'p80':>9s} {'GB/s':>8s} {'%peak':>6s} {'mem MB':>8s}  check")
     for kernel in kernels_:
         for shape in shapes:
             for dt in dtypes:
-                dtype = DTYPES[dt]
                 try:
-                    x = make_inputs(kernel, shape, dtype, device)
+                    x = make_inputs(kernel, shape, DTYPES[dt], device)
                 except torch.cuda.OutOfMemoryError:
                     print(f"{kernel} {shape} {dt}: out of memory making inputs, skipped")
                     continue
-                numel = x["pred"].numel()
-                case_rows = []
-                eager_fn = reference_fn(kernel, args.mask_weight, args.mode)
-                for impl in impls:
-                    note, check = "", ""
-                    if impl == "triton" and not cuda and numel > args.max_cpu_triton_numel:
-                        note = "skipped: interpreter too slow for this size"
-                    ctx = kernels.use_backend("triton") if impl == "triton" else contextlib.nullcontext()
-                    with ctx:
-                        fn = build_impl(impl, kernel, args.mask_weight, args.mode) if not note else None
-                        if fn is not None and impl != "eager":
-                            try:
-                                check = check_against_eager(kernel, x, fn, eager_fn, args.upstream)
-                            except Exception as exc:   # compile/driver failures are results, not crashes
-                                note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                                fn = None
-                        for p in passes:
-                            row = dict(env, kernel=kernel, impl=impl, **{"pass": p},
-                                       shape="x".join(map(str, shape)), dtype=dt, numel=numel,
-                                       bytes=bytes_moved(kernel, x, p), median_ms="", p20_ms="", p80_ms="",
-                                       GBps="", frac_of_peak="", peak_mem_MB="", speedup_vs_eager="",
-                                       speedup_vs_compile="", check=check, note=note)
-                            if fn is not None:
-                                timed, setup = passes_for(fn, kernel, x, args.upstream)[p]
-                                try:
-                                    times, mem = timer.run(timed, setup, reps, warmup)
-                                    med = statistics.median(times)
-                                    row.update(median_ms=med, p20_ms=quantile(times, 0.2),
-                                               p80_ms=quantile(times, 0.8), GBps=row["bytes"] / med / 1e6,
-                                               peak_mem_MB="" if mem is None else round(mem, 2))
-                                    if peak:
-                                        row["frac_of_peak"] = row["GBps"] / peak
-                                except Exception as exc:
-                                    row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                                    if cuda:
-                                        torch.cuda.empty_cache()
-                            case_rows.append(row)
+                case_rows = bench_case(args, kernel, x, shape, dt, impls, passes, env, timer, reps, warmup, peak)
+                add_speedups(case_rows)
                 for r in case_rows:
-                    if r["median_ms"] == "":
-                        continue
-                    for base in ("eager", "compile"):
-                        ref = [b for b in case_rows if b["impl"] == base and b["pass"] == r["pass"]
-                               and b["median_ms"] != ""]
-                        if ref and r["impl"] != base:
-                            r[f"speedup_vs_{base}"] = ref[0]["median_ms"] / r["median_ms"]
-                for r in case_rows:
-                    fmt = lambda v, f: (f.format(v) if v != "" else "-")  # noqa: E731
-                    print(f"{r['kernel']:16s} {r['impl']:8s} {r['pass']:4s} {r['shape']:>20s} {r['dtype']:5s} "
-                          f"{fmt(r['median_ms'], '{:10.4f}'):>10s} {fmt(r['p20_ms'], '{:9.4f}'):>9s} "
-                          f"{fmt(r['p80_ms'], '{:9.4f}'):>9s} {fmt(r['GBps'], '{:8.1f}'):>8s} "
-                          f"{fmt(r['frac_of_peak'], '{:6.1%}'):>6s} {fmt(r['peak_mem_MB'], '{:8.1f}'):>8s}  "
-                          f"{r['check']} {r['note']}")
+                    print_row(r)
                 rows += case_rows
                 del x
                 if cuda:
                     torch.cuda.empty_cache()
+    write_outputs(rows, Path(args.out), env, dev_name, peak, args.no_plot)
+    mismatches = [r for r in rows if r["check"].startswith("MISMATCH")]
+    if mismatches:
+        print(f"\n{len(mismatches)} rows MISMATCH eager: see the check column")
+        return 1
+    return 0
 
-    out = Path(args.out)
+
+def bench_case(args, kernel: str, x: dict, shape, dt: str, impls, passes, env: dict, timer, reps: int, warmup: int,
+               peak) -> list[dict]:
+    """One kernel at one shape and dtype: every implementation checked against eager, then each pass timed."""
+    cuda = torch.device(args.device).type == "cuda"
+    numel = x["pred"].numel()
+    case_rows = []
+    eager_fn = reference_fn(kernel, args.mask_weight, args.mode)
+    for impl in impls:
+        note, check = "", ""
+        if impl == "triton" and not cuda and numel > args.max_cpu_triton_numel:
+            note = "skipped: interpreter too slow for this size"
+        ctx = kernels.use_backend("triton") if impl == "triton" else contextlib.nullcontext()
+        with ctx:
+            fn = build_impl(impl, kernel, args.mask_weight, args.mode) if not note else None
+            if fn is not None and impl != "eager":
+                try:
+                    check = check_against_eager(kernel, x, fn, eager_fn, args.upstream)
+                except Exception as exc:   # compile/driver failures are results, not crashes
+                    note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    fn = None
+            for p in passes:
+                row = dict(env, kernel=kernel, impl=impl, **{"pass": p},
+                           shape="x".join(map(str, shape)), dtype=dt, numel=numel,
+                           bytes=bytes_moved(kernel, x, p), median_ms="", p20_ms="", p80_ms="",
+                           GBps="", frac_of_peak="", peak_mem_MB="", speedup_vs_eager="",
+                           speedup_vs_compile="", check=check, note=note)
+                if fn is not None:
+                    timed, setup = passes_for(fn, kernel, x, args.upstream)[p]
+                    try:
+                        times, mem = timer.run(timed, setup, reps, warmup)
+                        med = statistics.median(times)
+                        row.update(median_ms=med, p20_ms=quantile(times, 0.2),
+                                   p80_ms=quantile(times, 0.8), GBps=row["bytes"] / med / 1e6,
+                                   peak_mem_MB="" if mem is None else round(mem, 2))
+                        if peak:
+                            row["frac_of_peak"] = row["GBps"] / peak
+                    except Exception as exc:
+                        row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                        if cuda:
+                            torch.cuda.empty_cache()
+                case_rows.append(row)
+    return case_rows
+
+
+def add_speedups(case_rows: list[dict]) -> None:
+    """Each timed row's speedup over eager and over torch.compile, same case and pass."""
+    for r in case_rows:
+        if r["median_ms"] == "":
+            continue
+        for base in ("eager", "compile"):
+            ref = [b for b in case_rows if b["impl"] == base and b["pass"] == r["pass"] and b["median_ms"] != ""]
+            if ref and r["impl"] != base:
+                r[f"speedup_vs_{base}"] = ref[0]["median_ms"] / r["median_ms"]
+
+
+def print_row(r: dict) -> None:
+    fmt = lambda v, f: (f.format(v) if v != "" else "-")  # noqa: E731
+    print(f"{r['kernel']:16s} {r['impl']:8s} {r['pass']:4s} {r['shape']:>20s} {r['dtype']:5s} "
+          f"{fmt(r['median_ms'], '{:10.4f}'):>10s} {fmt(r['p20_ms'], '{:9.4f}'):>9s} "
+          f"{fmt(r['p80_ms'], '{:9.4f}'):>9s} {fmt(r['GBps'], '{:8.1f}'):>8s} "
+          f"{fmt(r['frac_of_peak'], '{:6.1%}'):>6s} {fmt(r['peak_mem_MB'], '{:8.1f}'):>8s}  "
+          f"{r['check']} {r['note']}")
+
+
+def write_outputs(rows: list[dict], out: Path, env: dict, dev_name: str, peak, no_plot: bool) -> None:
+    """Append the rows to bench_kernels.csv, draw the plot, print the summary against the targets."""
     csv_path = append_csv(out / "bench_kernels.csv",
                           [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                           CSV_COLUMNS)
     print(f"\nappended {len(rows)} rows to {csv_path}")
-    if not args.no_plot and rows:
+    if not no_plot and rows:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", dev_name).strip("-")[:40]
         png = out / f"bench_kernels_{slug}_{env['timestamp'].replace(':', '')}.png"
         plot(rows, png, dev_name, peak)
@@ -477,11 +508,6 @@ def main(argv=None) -> int:
           "torch.compile, >= 2x eager")
     for line in summarise(rows, peak):
         print("  " + line)
-    mismatches = [r for r in rows if r["check"].startswith("MISMATCH")]
-    if mismatches:
-        print(f"\n{len(mismatches)} rows MISMATCH eager: see the check column")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

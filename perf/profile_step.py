@@ -411,22 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    command = [sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])
     mochi = args.preset == "mochi"
-    if args.device is None:
-        if mochi and not torch.cuda.is_available():
-            print(f"error: --preset mochi times Mochi-1 (10B parameters, bf16, random weights) on a CUDA GPU, and "
-                  f"this machine has none (torch {torch.__version__}, torch.cuda.is_available() is False). Run "
-                  f"--preset tiny here; `--device cpu --num-layers 1 --frames 7 --height 64 --width 64` checks the "
-                  f"mochi plumbing on a CPU (numbers meaningless).", file=sys.stderr)
-            return 2
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("error: --device cuda but CUDA is not available", file=sys.stderr)
-            return 2
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+    device = resolve_device(args, mochi)
+    if device is None:
+        return 2
     steps = args.steps or (5 if mochi else 10)
     gc = args.gradient_checkpointing if args.gradient_checkpointing is not None else mochi
     if steps < 1 or args.warmup < 0:
@@ -442,144 +431,190 @@ def main(argv=None) -> int:
                      f"train.grad_accum={args.grad_accum}", f"train.max_steps={steps + args.warmup}"]
         try:
             cfg = load_config(args.config, overrides + list(args.set))
-            gc = cfg.model.gradient_checkpointing
-            if mochi:
-                frames, height, width = args.frames or 61, args.height or 480, args.width or 848
-            else:
-                lf, lh, lw = synthetic_latent_size(cfg)
-                video_height, video_width = geometry.video_size(lh, lw)
-                frames = args.frames or geometry.video_frames(lf)
-                height, width = args.height or video_height, args.width or video_width
-            geometry.check_video_size(frames, height, width, prefix="--")
-            lat_f, (lat_h, lat_w) = geometry.latent_frames(frames), geometry.latent_size(height, width)
+            frames, height, width = video_geometry(args, cfg, mochi)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        gc = cfg.model.gradient_checkpointing
         text_tokens = cfg.model.max_text_tokens or (MOCHI_TEXT_TOKENS if mochi else TINY_TEXT_TOKENS)
         if args.prompt_tokens < 0 or args.prompt_tokens > text_tokens:
             ap.error(f"--prompt-tokens must be in 0..{text_tokens}")
+        shape = {"preset": args.preset, "frames": frames, "height": height, "width": width,
+                 "gradient_checkpointing": gc, "memory_cap": memory_cap}
 
         t_build = time.perf_counter()
         try:
-            if mochi:
-                dtype = resolve_dtype("mochi", cfg.model.dtype)
-                comps = build_mochi_components(device, dtype, cfg.model.attention_backend, gc, args.num_layers,
-                                               text_tokens)
-            else:
-                comps = load_mochi("tiny", cfg.model.dtype, cfg.model.attention_backend, gc, text_tokens,
-                                   parts=("transformer",))
+            comps = build_components(mochi, device, cfg, gc, args.num_layers, text_tokens)
         except torch.cuda.OutOfMemoryError as e:
             status = f"out of memory while building the model: {str(e).splitlines()[0][:300]}"
             print(f"{device_name(device)}: {status}", flush=True)
             failed = {"tool": "perf/profile_step.py", "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
                       "status": status, "device": device_name(device), "git_hash": git_hash(),
-                      "versions": _versions(), "command": [sys.argv[0]] + list(argv if argv is not None
-                                                                               else sys.argv[1:]),
-                      "config": {"preset": args.preset, "frames": frames, "height": height, "width": width,
-                                 "gradient_checkpointing": gc, "memory_cap": memory_cap},
+                      "versions": _versions(), "command": command, "config": shape,
                       "results": {"memory": memory_report(device, None)}}
             write_json(failed, Path(args.out), args.preset)
             return 3
-        transformer = comps.transformer
-        dims = flop_model.MochiDims.of(transformer)
         build_seconds = time.perf_counter() - t_build
-        channels = dims.in_channels
-        global_batch = cfg.train.batch_size * cfg.train.grad_accum
-        dataset = fabricate(work / "dataset", (channels, lat_f, lat_h, lat_w), (text_tokens, dims.text_embed_dim),
-                            samples=max(4, 2 * global_batch), per_shard=4)
-        relation = Relation(name="bench", prompt="a fabricated sample (perf/profile_step.py)")
-        run = RelationRun(cfg, comps, relation, work / "run", Dist(device=device), dataset)   # one process
-        if args.prompt_tokens:
-            limit_prompt(run.stream, args.prompt_tokens)
-        weights_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        result, code = profile_run(args, cfg, comps, device, work, shape, text_tokens, build_seconds, command, steps)
 
-        dev_name = device_name(device)
-        peak = args.peak_tflops or (flop_model.peak_tflops(dev_name) if device.type == "cuda" else None)
-        latent_shape = [cfg.train.batch_size, channels, lat_f, lat_h, lat_w]
-        attn_text = args.prompt_tokens if (args.prompt_tokens and cfg.model.attention_backend == "reference") \
-            else None
-        result = {
-            "tool": "perf/profile_step.py", "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-            "status": "ok", "device": dev_name, "device_peak_bf16_tflops": peak, "git_hash": git_hash(),
-            "versions": _versions(), "command": [sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]),
-            "config": {
-                "preset": args.preset, "frames": frames, "height": height, "width": width,
-                "latent_shape": latent_shape, "text_tokens": text_tokens,
-                "prompt_tokens": args.prompt_tokens or text_tokens, "gradient_checkpointing": gc,
-                "dtype": str(transformer.dtype).replace("torch.", ""),
-                "attention_backend": cfg.model.attention_backend, "mixed_precision": cfg.train.mixed_precision,
-                "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum, "steps": steps,
-                "warmup": args.warmup, "model_build_seconds": build_seconds, "memory_cap": memory_cap,
-                "parameters": sum(p.numel() for p in transformer.parameters()),
-                "trainable_parameters": sum(p.numel() for ps in run.params_by_adapter.values() for p in ps),
-                "model": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
-                "train_config": cfg.to_dict(),
-            },
-            "results": {},
-        }
-        if mochi and device.type != "cuda":
-            result["config"]["note"] = "mochi preset on a CPU: a plumbing check, the numbers mean nothing"
+    report(result, args, mochi)
+    return code
 
-        def count(trainable) -> flop_model.FlopCount:
-            return flop_model.training_flops(dims, latent_shape, text_tokens, cfg.lora, trainable=trainable,
-                                             gradient_checkpointing=gc, attention_text_tokens=attn_text)
 
-        result["flops_per_micro_step"] = count(None).to_dict()
-        result["flops_per_micro_step"]["note"] = (
-            "analytic (dr_train.flops), every adapter trainable (HMT 'relation' selection); per-step numbers in "
-            "results use each step's own selection. model = forward + backward (MFU); hardware = model + "
-            "checkpointing recompute (HFU). Attention backward counted 2x forward (fused kernels also recompute "
-            "QK^T: +0.5x, not counted)")
-        sampler = NvmlSampler(device, args.nvml_interval)
-        per_step, status, code = [], "ok", 0
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        print(f"{dev_name}: preset {args.preset}, latent {latent_shape}, text {text_tokens}, checkpointing "
-              f"{'on' if gc else 'off'}, {human(result['config']['parameters'])} parameters "
-              f"(built in {build_seconds:.1f} s); {args.warmup} warmup + {steps} timed steps", flush=True)
-        try:
-            for _ in range(args.warmup):
-                run.train_step()
+def resolve_device(args, mochi: bool) -> torch.device | None:
+    """The device to time on (an error printed and None when it cannot be used)."""
+    if args.device is None:
+        if mochi and not torch.cuda.is_available():
+            print(f"error: --preset mochi times Mochi-1 (10B parameters, bf16, random weights) on a CUDA GPU, and "
+                  f"this machine has none (torch {torch.__version__}, torch.cuda.is_available() is False). Run "
+                  f"--preset tiny here; `--device cpu --num-layers 1 --frames 7 --height 64 --width 64` checks the "
+                  f"mochi plumbing on a CPU (numbers meaningless).", file=sys.stderr)
+            return None
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("error: --device cuda but CUDA is not available", file=sys.stderr)
+            return None
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def video_geometry(args, cfg, mochi: bool) -> tuple[int, int, int]:
+    """Frames, height and width of the timed clips: the flags, else Mochi-1's 61 x 480 x 848 or the config's
+    synthetic clip size."""
+    if mochi:
+        frames, height, width = args.frames or 61, args.height or 480, args.width or 848
+    else:
+        lf, lh, lw = synthetic_latent_size(cfg)
+        video_height, video_width = geometry.video_size(lh, lw)
+        frames = args.frames or geometry.video_frames(lf)
+        height, width = args.height or video_height, args.width or video_width
+    geometry.check_video_size(frames, height, width, prefix="--")
+    return frames, height, width
+
+
+def build_components(mochi: bool, device, cfg, gc: bool, num_layers, text_tokens: int):
+    if mochi:
+        dtype = resolve_dtype("mochi", cfg.model.dtype)
+        return build_mochi_components(device, dtype, cfg.model.attention_backend, gc, num_layers, text_tokens)
+    return load_mochi("tiny", cfg.model.dtype, cfg.model.attention_backend, gc, text_tokens, parts=("transformer",))
+
+
+def profile_run(args, cfg, comps, device, work: Path, shape: dict, text_tokens: int, build_seconds: float,
+                command: list[str], steps: int) -> tuple[dict, int]:
+    """Build a one-process RelationRun on fabricated shards of the timed size, time its steps; (result, exit code)."""
+    transformer = comps.transformer
+    dims = flop_model.MochiDims.of(transformer)
+    lat_f = geometry.latent_frames(shape["frames"])
+    lat_h, lat_w = geometry.latent_size(shape["height"], shape["width"])
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum
+    dataset = fabricate(work / "dataset", (dims.in_channels, lat_f, lat_h, lat_w), (text_tokens, dims.text_embed_dim),
+                        samples=max(4, 2 * global_batch), per_shard=4)
+    relation = Relation(name="bench", prompt="a fabricated sample (perf/profile_step.py)")
+    run = RelationRun(cfg, comps, relation, work / "run", Dist(device=device), dataset)   # one process
+    if args.prompt_tokens:
+        limit_prompt(run.stream, args.prompt_tokens)
+    weights_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+    dev_name = device_name(device)
+    peak = args.peak_tflops or (flop_model.peak_tflops(dev_name) if device.type == "cuda" else None)
+    latent_shape = [cfg.train.batch_size, dims.in_channels, lat_f, lat_h, lat_w]
+    attn_text = args.prompt_tokens if (args.prompt_tokens and cfg.model.attention_backend == "reference") else None
+    result = {
+        "tool": "perf/profile_step.py", "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+        "status": "ok", "device": dev_name, "device_peak_bf16_tflops": peak, "git_hash": git_hash(),
+        "versions": _versions(), "command": command,
+        "config": {
+            **{k: shape[k] for k in ("preset", "frames", "height", "width")},
+            "latent_shape": latent_shape, "text_tokens": text_tokens,
+            "prompt_tokens": args.prompt_tokens or text_tokens, "gradient_checkpointing": shape["gradient_checkpointing"],
+            "dtype": str(transformer.dtype).replace("torch.", ""),
+            "attention_backend": cfg.model.attention_backend, "mixed_precision": cfg.train.mixed_precision,
+            "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum, "steps": steps,
+            "warmup": args.warmup, "model_build_seconds": build_seconds, "memory_cap": shape["memory_cap"],
+            "parameters": sum(p.numel() for p in transformer.parameters()),
+            "trainable_parameters": sum(p.numel() for ps in run.params_by_adapter.values() for p in ps),
+            "model": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
+            "train_config": cfg.to_dict(),
+        },
+        "results": {},
+    }
+    if args.preset == "mochi" and device.type != "cuda":
+        result["config"]["note"] = "mochi preset on a CPU: a plumbing check, the numbers mean nothing"
+
+    def count(trainable) -> flop_model.FlopCount:
+        return flop_model.training_flops(dims, latent_shape, text_tokens, cfg.lora, trainable=trainable,
+                                         gradient_checkpointing=shape["gradient_checkpointing"],
+                                         attention_text_tokens=attn_text)
+
+    result["flops_per_micro_step"] = count(None).to_dict()
+    result["flops_per_micro_step"]["note"] = (
+        "analytic (dr_train.flops), every adapter trainable (HMT 'relation' selection); per-step numbers in "
+        "results use each step's own selection. model = forward + backward (MFU); hardware = model + "
+        "checkpointing recompute (HFU). Attention backward counted 2x forward (fused kernels also recompute "
+        "QK^T: +0.5x, not counted)")
+    sampler = NvmlSampler(device, args.nvml_interval)
+    print(f"{dev_name}: preset {args.preset}, latent {latent_shape}, text {text_tokens}, checkpointing "
+          f"{'on' if shape['gradient_checkpointing'] else 'off'}, {human(result['config']['parameters'])} parameters "
+          f"(built in {build_seconds:.1f} s); {args.warmup} warmup + {steps} timed steps", flush=True)
+    per_step, status, code = time_steps(run, device, args.warmup, steps, sampler, count, cfg.train.grad_accum)
+    result["status"] = status
+    if per_step:
+        result["results"] = summarise(per_step, run_tokens(dims, latent_shape, cfg.train.grad_accum), peak)
+    result["results"]["memory"] = memory_report(device, weights_bytes)
+    result["results"]["nvml"] = sampler.report()
+    result["results"]["per_step"] = per_step
+    sampler.close()
+    if args.preset == "mochi":
+        result["targets"] = {"genmo": GENMO, "comparison": compare_genmo(result)}
+    run.close()
+    return result, code
+
+
+def time_steps(run, device, warmup: int, steps: int, sampler, count, accum: int) -> tuple[list[dict], str, int]:
+    """`warmup` untimed then `steps` timed training steps, each split into the trainer's phases; an out-of-memory
+    or non-finite loss ends the timing as a recorded status. (per-step records, status, exit code)"""
+    per_step, status, code = [], "ok", 0
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    try:
+        for _ in range(warmup):
+            run.train_step()
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        run.timer.enabled = True
+        run.timer.reset()
+        sampler.start()
+        for _ in range(steps):
             sync()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            run.timer.enabled = True
-            run.timer.reset()
-            sampler.start()
-            for _ in range(steps):
-                sync()
-                t0 = time.perf_counter()
-                record = run.train_step()
-                sync()
-                seconds = time.perf_counter() - t0
-                measured = run.timer.reset()
-                c = count(record["adapters_updated"])
-                accum = cfg.train.grad_accum
-                per_step.append({"step": record["step"], "seconds": seconds,
-                                 "phases": {p: measured.get(p, 0.0) for p in PHASES},
-                                 "extra_phases": {k: v for k, v in measured.items() if k not in PHASES},
-                                 "other": max(0.0, seconds - sum(measured.values())),
-                                 "selection": record["selection"], "loss": record["loss"],
-                                 "flops_model": c.model * accum, "flops_hardware": c.hardware * accum})
-                print(f"  step {record['step']}: {seconds:.4g} s ({record['selection']}, loss "
-                      f"{record['loss']:.4g})", flush=True)
-        except torch.cuda.OutOfMemoryError as e:
-            status, code = f"out of memory: {str(e).splitlines()[0][:300]}", 3
-        except NonFiniteLossError as e:
-            status, code = f"non-finite loss: {e}", 3
-        finally:
-            sampler.stop()
-            run.timer.enabled = False
-        result["status"] = status
-        if per_step:
-            result["results"] = summarise(per_step, run_tokens(dims, latent_shape, cfg.train.grad_accum), peak)
-        result["results"]["memory"] = memory_report(device, weights_bytes)
-        result["results"]["nvml"] = sampler.report()
-        result["results"]["per_step"] = per_step
-        sampler.close()
-        if mochi:
-            result["targets"] = {"genmo": GENMO, "comparison": compare_genmo(result)}
-        run.close()
+            t0 = time.perf_counter()
+            record = run.train_step()
+            sync()
+            seconds = time.perf_counter() - t0
+            measured = run.timer.reset()
+            c = count(record["adapters_updated"])
+            per_step.append({"step": record["step"], "seconds": seconds,
+                             "phases": {p: measured.get(p, 0.0) for p in PHASES},
+                             "extra_phases": {k: v for k, v in measured.items() if k not in PHASES},
+                             "other": max(0.0, seconds - sum(measured.values())),
+                             "selection": record["selection"], "loss": record["loss"],
+                             "flops_model": c.model * accum, "flops_hardware": c.hardware * accum})
+            print(f"  step {record['step']}: {seconds:.4g} s ({record['selection']}, loss "
+                  f"{record['loss']:.4g})", flush=True)
+    except torch.cuda.OutOfMemoryError as e:
+        status, code = f"out of memory: {str(e).splitlines()[0][:300]}", 3
+    except NonFiniteLossError as e:
+        status, code = f"non-finite loss: {e}", 3
+    finally:
+        sampler.stop()
+        run.timer.enabled = False
+    return per_step, status, code
 
+
+def report(result: dict, args, mochi: bool) -> None:
+    """Write the JSON (and the plot), print the headline."""
     json_path = write_json(result, Path(args.out), args.preset)
     print("\n" + "\n".join(headline(result)))
     if mochi:
@@ -589,7 +624,6 @@ def main(argv=None) -> int:
         png = json_path.with_suffix(".png")
         plot(result, png)
         print(f"plot: {png}")
-    return code
 
 
 def apply_memory_cap(device: torch.device, gigabytes: float | None) -> dict | None:

@@ -179,15 +179,12 @@ def _shapes(p: dict, i: int, H: int, W: int, radius: float, yy, xx):
     return shapes, np.array(boxes, dtype=np.float32)
 
 
-def render_clip(relation: str, index: int, frames: int = 13, height: int = 64, width: int = 64,
-                seed: int = 0) -> SyntheticClip:
-    """Deterministic clip `index` of `relation` (the same arguments always give the same pixels)."""
-    if frames < 2 or height < 16 or width < 16:
-        raise ValueError(f"synthetic clips need >= 2 frames and >= 16x16 pixels, got {frames}x{height}x{width}")
-    rng = _rng(relation, index, seed)
+def placed_tracks(rng: np.random.Generator, pattern: dict, frames: int,
+                  defaults: dict | None = None) -> tuple[dict[str, np.ndarray], bool]:
+    """A clip's tracks: the pattern over `frames` time-warped frames, shifted by a small random offset and mirrored
+    left-right with probability 1/2 (returned flag). Draws from `rng` in a fixed order: warp, dx, dy, mirror."""
     warp = rng.uniform(0.85, 1.15)
-    t_T = np.linspace(0.0, 1.0, frames) ** warp
-    p = pattern_tracks(pattern_for(relation), t_T)
+    p = pattern_tracks(pattern, np.linspace(0.0, 1.0, frames) ** warp, defaults)
     dx, dy = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)
     mirrored = bool(rng.random() < 0.5)
     for s in (1, 2):
@@ -195,6 +192,16 @@ def render_clip(relation: str, index: int, frames: int = 13, height: int = 64, w
         p[f"y{s}"] = p[f"y{s}"] + dy
         if mirrored:
             p[f"x{s}"] = 1.0 - p[f"x{s}"]
+    return p, mirrored
+
+
+def render_clip(relation: str, index: int, frames: int = 13, height: int = 64, width: int = 64,
+                seed: int = 0) -> SyntheticClip:
+    """Deterministic clip `index` of `relation` (the same arguments always give the same pixels)."""
+    if frames < 2 or height < 16 or width < 16:
+        raise ValueError(f"synthetic clips need >= 2 frames and >= 16x16 pixels, got {frames}x{height}x{width}")
+    rng = _rng(relation, index, seed)
+    p, mirrored = placed_tracks(rng, pattern_for(relation), frames)
     radius = min(height, width) * rng.uniform(0.09, 0.11)
     hue1 = rng.random()
     c1, c2 = _colour(hue1, rng), _colour(hue1 + rng.uniform(0.33, 0.67), rng)

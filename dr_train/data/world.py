@@ -49,7 +49,7 @@ import numpy as np
 import yaml
 
 from dr_train.catalog import DEFAULT_CATALOG, SYNTH_CATALOG, load_catalog
-from dr_train.data.synthetic import DEFAULTS, PATTERNS, RELATIONS, pattern_tracks
+from dr_train.data.synthetic import DEFAULTS, PATTERNS, RELATIONS, placed_tracks
 
 WORLD_DEFAULTS = {**DEFAULTS, "lie1": 0.0, "away1": 0.0, "away2": 0.0}
 _ARM_THICKNESS = 0.3          # half-thickness of an arm bar, in clip radii (synthetic: 0.28)
@@ -460,16 +460,7 @@ def render_world_clip(motion: str, kinds: tuple[str, str], index: int, frames: i
     generic = motion in GENERIC_MOTIONS
     looks = [KINDS[k] for k in kinds]
     pattern = GENERIC_MOTIONS[motion][0](rng, looks) if generic else PATTERNS[motion]
-    warp = rng.uniform(0.85, 1.15)
-    t_T = np.linspace(0.0, 1.0, frames) ** warp
-    p = pattern_tracks(pattern, t_T, WORLD_DEFAULTS)
-    dx, dy = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)
-    mirrored = bool(rng.random() < 0.5)
-    for s in (1, 2):
-        p[f"x{s}"] = p[f"x{s}"] + dx
-        p[f"y{s}"] = p[f"y{s}"] + dy
-        if mirrored:
-            p[f"x{s}"] = 1.0 - p[f"x{s}"]
+    p, mirrored = placed_tracks(rng, pattern, frames, WORLD_DEFAULTS)
     radius = min(height, width) * rng.uniform(*_RADIUS)
     colours = [_colour(look, hue, rng) for look, hue in zip(looks, subject_hues(kinds, rng))]
     bg_a, bg_b = rng.uniform(0.05, 0.35, 3), rng.uniform(0.05, 0.35, 3)

@@ -48,6 +48,18 @@ MIN_HUE_SEPARATION = 20.0           # degrees between the two hue clusters' cent
                                     # subjects of one world kind are 31-36 apart, one colour splits into < 1
 
 
+def choices(requested: Sequence[str] | None, known: Sequence[str], who: str, known_as: str, noun: str) -> list[str]:
+    """The classes a classifier chooses between: `requested` (duplicates dropped, order kept) or all of `known`;
+    ValueError naming `who` when one is unknown or fewer than two remain."""
+    names = list(known) if requested is None else list(dict.fromkeys(requested))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{who} knows only {known_as}; unknown: {', '.join(unknown)}")
+    if len(names) < 2:
+        raise ValueError(f"{who} needs at least two {noun} to choose between, got {names}")
+    return names
+
+
 class SubjectsNotFound(ValueError):
     """The video does not show two separable subjects."""
 
@@ -345,12 +357,7 @@ class RelationJudge:
                  templates_per_relation: int = 6, template_seed: int = 1009, steps: int = 32,
                  static_weight: float = 0.05, threshold: float = 40.0,
                  min_hue_separation: float = MIN_HUE_SEPARATION):
-        names = list(RELATIONS) if relations is None else list(dict.fromkeys(relations))
-        unknown = [r for r in names if r not in RELATIONS]
-        if unknown:
-            raise ValueError(f"the judge knows only the built-in synthetic relations; unknown: {', '.join(unknown)}")
-        if len(names) < 2:
-            raise ValueError(f"the judge needs at least two relations to choose between, got {names}")
+        names = choices(relations, RELATIONS, "the judge", "the built-in synthetic relations", "relations")
         if templates_per_relation < 1 or steps < 2 or static_weight < 0:
             raise ValueError(f"templates_per_relation must be >= 1, steps >= 2 and static_weight >= 0, got "
                              f"{templates_per_relation}, {steps}, {static_weight}")

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from dr_train.data.world import KINDS, MOTIONS, render_world_clip
-from dr_train.eval.judge import MIN_HUE_SEPARATION, SubjectsNotFound, track_subject_masks
+from dr_train.eval.judge import MIN_HUE_SEPARATION, SubjectsNotFound, choices, track_subject_masks
 
 FEATURES = ("hue_cos", "hue_sin", "saturation", "value", "dark", "pale", "log_aspect", "fill", "mass_low", "size")
 # Least spread each feature is divided by: the nuisance a blurry, noisy generation adds beyond the clean renders'
@@ -91,12 +91,7 @@ class KindClassifier:
     def __init__(self, kinds: Sequence[str] | None = None, frames: int = 13, size: tuple[int, int] = (64, 64),
                  template_seed: int = 7919, hue_weight: float = 2.0, threshold: float = 40.0,
                  min_hue_separation: float = MIN_HUE_SEPARATION):
-        names = list(KINDS) if kinds is None else list(dict.fromkeys(kinds))
-        unknown = [k for k in names if k not in KINDS]
-        if unknown:
-            raise ValueError(f"the kind classifier knows only the world's kinds; unknown: {', '.join(unknown)}")
-        if len(names) < 2:
-            raise ValueError(f"the kind classifier needs at least two kinds to choose between, got {names}")
+        names = choices(kinds, list(KINDS), "the kind classifier", "the world's kinds", "kinds")
         self.kinds = names
         self.threshold = threshold
         self.min_hue_separation = min_hue_separation

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from dr_train import checkpoint as ckpt
 from dr_train.io import truncate_metrics
-from dr_train.plots import read_metrics
+from dr_train.plots import read_metrics, save_figure
 
 
 class Stage(Protocol):
@@ -80,12 +80,7 @@ def plot_curves(metrics_path: Path, png_path: Path, keys: tuple[str, ...], title
             ax.plot(pts[window - 1:, 0], smooth, color="black", lw=1.2, label=f"mean of {window}")
             ax.legend(fontsize=7)
         ax.set(xlabel="step", ylabel=key, yscale="log" if key.startswith("loss") else "linear")
-    fig.suptitle(title)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path, title)
 
 
 def run_stage(stage: Stage, folder: Path, minutes: float | None = None, checkpoint_minutes: float = 10.0,
