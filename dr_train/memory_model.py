@@ -8,7 +8,8 @@ kernels save q, k, v, the output and a float32 log-sum-exp; the `reference` back
 
 Per rank, in bytes:
 
-* frozen weights: the backbone at its dtype (ZeRO-3 partitions it; with parameter offload one block is resident);
+* frozen weights: the backbone at its dtype, or its Linear weights in fp8 (`model.fp8_base`); ZeRO-3 partitions it
+  (with parameter offload one block is resident); block swap keeps the resident blocks plus two swapped ones;
 * adapters: LoRA weights, their gradients and AdamW's two moments, all float32 (ZeRO 1 shards the moments, 2 also
   the gradients, 3 also the weights; optimizer offload moves the moments to the CPU);
 * activations: without checkpointing every block's saved tensors; with it each block's inputs plus one block's
@@ -34,6 +35,7 @@ from diffusers import MochiTransformer3DModel
 from dr_train import flops, geometry
 from dr_train.method.triplet import add_relation_lora_triplet
 from dr_train.model.attention import _joint_output, _joint_qkv
+from dr_train.model.fp8 import quantize_frozen_linears
 
 GIB = 1024 ** 3
 ALLOCATOR_MARGIN = 1.15          # reserved / allocated measured on the H100 and H200 (34.0 / 30.6 GB) plus a little
@@ -103,11 +105,13 @@ class ActivationTrace:
     largest: int
     frozen_weights: int
     lora_parameters: int
+    block_weights: list[int]
 
 
 def trace_activations(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, dtype: torch.dtype,
-                      attention: str = "sdpa") -> ActivationTrace:
-    """Trace one forward pass of `arch` with the LoRA triplet (`lora`: a LoRAConfig) on the meta device."""
+                      attention: str = "sdpa", fp8_base: bool = False) -> ActivationTrace:
+    """Trace one forward pass of `arch` with the LoRA triplet (`lora`: a LoRAConfig) on the meta device
+    (`fp8_base`: frozen Linear weights in fp8, dr_train.model.fp8)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -117,9 +121,12 @@ def trace_activations(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, d
         torch.set_default_dtype(previous)
     model.requires_grad_(False)
     add_relation_lora_triplet(model, lora)
+    if fp8_base:
+        quantize_frozen_linears(model)
     for block in model.transformer_blocks:
         block.attn1.processor = _TracedAttention(probabilities=attention == "reference")
-    frozen = {p.untyped_storage()._cdata for p in model.parameters()}
+    frozen_tensors = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    frozen = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     current, saved, inputs = [-1], {}, []
 
     def enter(module, args, kwargs, index):
@@ -155,8 +162,10 @@ def trace_activations(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, d
             per_block[block_index] += nbytes
     in_blocks = [n for i, n in saved.values() if i >= 0]
     lora = sum(p.nbytes for p in model.parameters() if p.requires_grad)
-    weights = sum(p.nbytes for p in model.parameters() if not p.requires_grad)
-    return ActivationTrace(per_block, outside, inputs, max(in_blocks, default=0), weights, lora)
+    weights = sum(t.nbytes for t in frozen_tensors)
+    block_weights = [sum(t.nbytes for t in (*b.parameters(), *b.buffers()) if not t.requires_grad)
+                     for b in model.transformer_blocks]
+    return ActivationTrace(per_block, outside, inputs, max(in_blocks, default=0), weights, lora, block_weights)
 
 
 @dataclass
@@ -181,9 +190,10 @@ class Prediction:
 
 def predict(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, dtype: torch.dtype, checkpointing: bool,
             attention: str = "sdpa", zero_stage: int = 0, offload_optimizer: bool = False,
-            offload_params: bool = False, ranks: int = 1) -> Prediction:
+            offload_params: bool = False, ranks: int = 1, fp8_base: bool = False,
+            blocks_to_swap: int = 0) -> Prediction:
     """Peak bytes per rank of one training step of `arch` at `latent_BCFHW` (see the module's docstring)."""
-    t = trace_activations(arch, latent_BCFHW, text_tokens, lora, dtype, attention)
+    t = trace_activations(arch, latent_BCFHW, text_tokens, lora, dtype, attention, fp8_base)
     biggest_block = max(t.per_block, default=0)
     if checkpointing:
         activations = t.outside + sum(t.block_inputs) + biggest_block
@@ -193,6 +203,9 @@ def predict(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, dtype: torc
     frozen = t.frozen_weights
     if zero_stage == 3:
         frozen = t.frozen_weights // len(t.per_block) if offload_params else t.frozen_weights // ranks
+    elif blocks_to_swap:
+        swapped = t.block_weights[len(t.block_weights) - blocks_to_swap:]
+        frozen = t.frozen_weights - sum(swapped) + 2 * max(swapped)        # the running block and its prefetch
     shard = lambda n, stage: n // ranks if zero_stage >= stage else n  # noqa: E731
     parts = {
         "frozen_weights": frozen,

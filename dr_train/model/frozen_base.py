@@ -1,0 +1,24 @@
+"""The frozen backbone's memory options (`model.fp8_base`, `model.blocks_to_swap`), applied once to a loaded
+transformer before any relation trains on it."""
+from __future__ import annotations
+
+import torch
+
+from dr_train.method.triplet import adapter_names, add_relation_lora_triplet
+from dr_train.model.block_swap import BlockSwap
+from dr_train.model.fp8 import quantize_frozen_linears
+
+
+def prepare_frozen_base(transformer, model_cfg, lora_cfg, device: torch.device) -> BlockSwap | None:
+    """fp8: the frozen Linear weights (the LoRA placements' base layers included: the triplet is added, the layers
+    quantised inside PEFT's wrappers, the adapters deleted; each relation adds its own). Block swap: the last
+    `blocks_to_swap` blocks' frozen weights move to host memory (the rest to `device`); returns the swapper, whose
+    `place_trainable` moves each relation's new adapters to `device`."""
+    if model_cfg.fp8_base:
+        add_relation_lora_triplet(transformer, lora_cfg)
+        quantize_frozen_linears(transformer)
+        transformer.delete_adapters(adapter_names(transformer))
+    if not model_cfg.blocks_to_swap:
+        return None
+    blocks = len(transformer.transformer_blocks)
+    return BlockSwap(transformer, resident=blocks - model_cfg.blocks_to_swap, device=device)
