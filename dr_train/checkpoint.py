@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dr_train.io import atomic_path, sha256_file
+from dr_train.io import atomic_path, read_json, sha256_file
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 TENSOR_FILES = ("adapters", "optimizer", "rng", "memory_bank")
@@ -64,43 +64,129 @@ def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / "manifest.json").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a `step-NNNNNNNN` checkpoint folder."""
+    match = _STEP_DIR.match(path.name)
+    assert match, f"{path} is not a checkpoint folder"
+    return int(match.group(1))
+
+
+def find_checkpoint(folder: Path, name: str) -> Path:
+    """The complete checkpoint `name` ("step-4", "step-00000004" or "4") in `folder`, or a ValueError listing
+    the ones there are."""
+    match = re.fullmatch(r"(?:step-)?(\d+)", name.strip())
+    if not match:
+        raise ValueError(f"checkpoint name {name!r} is not of the form step-N (e.g. step-40)")
+    found = {checkpoint_step(p): p for p in list_checkpoints(folder)}
+    step = int(match.group(1))
+    if step not in found:
+        there = ", ".join(f"step-{s}" for s in found) or "none"
+        raise ValueError(f"{folder} has no complete checkpoint step-{step} (complete checkpoints: {there})")
+    return found[step]
+
+
+def _manifest_files(path: Path) -> dict[str, dict]:
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"checkpoint {path} is incomplete: {manifest_path} is missing")
+    manifest = read_json(manifest_path, "checkpoint manifest")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("sha256"), str) and type(info.get("bytes")) is int
+            for info in files.values()):
+        raise ValueError(f"checkpoint manifest {manifest_path} is malformed: it needs "
+                         f'{{"files": {{<file>: {{"sha256": <hex>, "bytes": <int>}}}}}}')
+    if "state.json" not in files:
+        raise ValueError(f"checkpoint manifest {manifest_path} does not list state.json")
+    return files
+
+
+def _check_file(file: Path, info: dict) -> None:
+    if not file.is_file():
+        raise ValueError(f"checkpoint file {file} is missing")
+    size = file.stat().st_size
+    if size != info["bytes"]:
+        raise ValueError(f"checkpoint file {file} is truncated or altered: {size} bytes, "
+                         f"manifest says {info['bytes']}")
+    if sha256_file(file) != info["sha256"]:
+        raise ValueError(f"checkpoint file {file} is corrupt: its sha256 does not match the manifest")
+
+
+def _read_state(path: Path) -> dict:
+    """state.json of a checkpoint: a JSON object whose "step" is the folder's step."""
+    file = path / "state.json"
+    state = read_json(file, "checkpoint file")
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint file {file} holds a JSON {type(state).__name__}, not an object")
+    if "step" not in state:
+        raise ValueError(f"checkpoint file {file} has no 'step' entry")
+    step = state["step"]
+    if type(step) is not int or step < 0:
+        raise ValueError(f"checkpoint file {file}: 'step' is {step!r}, not a whole number of steps")
+    if _STEP_DIR.match(path.name) and step != checkpoint_step(path):
+        raise ValueError(f"checkpoint file {file}: 'step' is {step}, but the folder is {path.name}")
+    return state
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check every file of a checkpoint against its manifest and state.json's step; returns state.json. Any
+    defect is a ValueError naming the file."""
+    return _verify(path)[1]
+
+
+def _verify(path: Path) -> tuple[dict[str, dict], dict]:
+    files = _manifest_files(path)
+    for name, info in files.items():
+        _check_file(path / name, info)
+    return files, _read_state(path)
+
+
+def newest_verified(paths: list[Path]) -> Path | None:
+    """The newest of `paths` (oldest first, as list_checkpoints gives them) that verifies, None if none does."""
+    for path in reversed(paths):
+        try:
+            verify_checkpoint(path)
+        except ValueError:
+            continue
+        return path
+    return None
+
+
+def set_aside_after(folder: Path, step: int) -> list[Path]:
+    """Move the complete checkpoints newer than `step` to `<folder>/superseded/` (a run resumed from an older
+    checkpoint writes its own; these are kept, out of the way, not deleted). Returns where they went."""
+    moved = []
+    for path in list_checkpoints(folder):
+        if checkpoint_step(path) <= step:
+            continue
+        target = folder / "superseded" / path.name
+        n = 0
+        while target.exists():
+            n += 1
+            target = folder / "superseded" / f"{path.name}.{n}"
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        moved.append(target)
+    return moved
 
 
 def load_checkpoint(path: Path, names: tuple[str, ...] = TENSOR_FILES
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Verify every file against the manifest, then load `<name>.safetensors` for each of `names` and state.json.
     Any defect is a ValueError naming the file."""
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise ValueError(f"checkpoint {path} is incomplete: {manifest_path} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"checkpoint manifest {manifest_path} is unreadable: {e}") from None
-    for name, info in manifest.items():
-        file = path / name
-        if not file.is_file():
-            raise ValueError(f"checkpoint file {file} is missing")
-        size = file.stat().st_size
-        if size != info["bytes"]:
-            raise ValueError(f"checkpoint file {file} is truncated or altered: {size} bytes, "
-                             f"manifest says {info['bytes']}")
-        if sha256_file(file) != info["sha256"]:
-            raise ValueError(f"checkpoint file {file} is corrupt: its sha256 does not match the manifest")
+    files, state = _verify(path)
     tensors = {}
     for name in names:
         file = path / f"{name}.safetensors"
-        if file.name not in manifest:
-            raise ValueError(f"checkpoint file {file} is not listed in {manifest_path}")
+        if file.name not in files:
+            raise ValueError(f"checkpoint file {file} is not listed in {path / 'manifest.json'}")
         try:
             tensors[name] = load_file(str(file))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"checkpoint file {file} cannot be read: {e}") from None
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint file {path / 'state.json'} cannot be read: {e}") from None
     return tensors, state
 
 
@@ -156,16 +242,26 @@ class CheckpointManager:
         return load_checkpoint(path, files)
 
     def restore(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict, path: Path) -> None:
-        """Load every part, in registration order, from what `read` returned."""
+        """Load every part, in registration order, from what `read` returned; a part that cannot take its saved
+        state is a ValueError naming the checkpoint file(s) it came from."""
         for name, (part, file, key) in self.parts.items():
             if key and key not in state:
-                raise ValueError(f"checkpoint {path / 'state.json'} has no {key!r} entry (part {name})")
-            if file and key:
-                part.load_state_dict((tensors[file], state[key]))
-            elif file:
-                part.load_state_dict(tensors[file])
-            else:
-                part.load_state_dict(state[key])
+                raise ValueError(f"checkpoint file {path / 'state.json'} has no {key!r} entry (part {name})")
+            try:
+                if file and key:
+                    part.load_state_dict((tensors[file], state[key]))
+                elif file:
+                    part.load_state_dict(tensors[file])
+                else:
+                    part.load_state_dict(state[key])
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                if isinstance(e, ValueError) and str(path) in str(e):
+                    raise                   # the part named the file itself
+                sources = [f"{path / (file + '.safetensors')}"] if file else []
+                sources += [f"{path / 'state.json'} entry {key!r}"] if key else []
+                detail = " ".join(f"{type(e).__name__}: {e}".split())
+                raise ValueError(f"checkpoint part {name} cannot be restored from {' and '.join(sources)}: "
+                                 f"{detail}") from None
 
 
 class RngStreams:

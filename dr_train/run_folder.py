@@ -3,6 +3,7 @@
     DONE.json          the finished run's summary (steps, status, final losses, LoRA path); its presence = finished
     metrics.jsonl      one JSON line per step
     config.json        the run's whole config
+    train.lock         present while a trainer holds the folder (host, pid; dr_train.run_lock)
     checkpoints/       step-NNNNNNNN/ (dr_train.checkpoint)
     lora/              the exported LoRA (pytorch_lora_weights.safetensors, ComfyUI file, model card)
     validation/        step-NNNNNNNN/ videos and keyframes of validation rounds
@@ -36,6 +37,10 @@ class RelationFolder:
     @property
     def config(self) -> Path:
         return self.path / "config.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / "train.lock"
 
     @property
     def checkpoints(self) -> Path:

@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from dr_train.data.sources import check_dataset_matches_model, resolve_dataset
 from dr_train.distributed import Dist, build_engine, init_distributed, shutdown, uses_deepspeed
 from dr_train.experiment import WandbRun
 from dr_train.export import export_lora, training_card, validation_keyframes
-from dr_train.io import truncate_metrics
+from dr_train.io import atomic_write_text, truncate_metrics
 from dr_train.method.contrastive_loss import global_relational_contrastive_loss
 from dr_train.method.flow_matching_loss import noisy_latents
 from dr_train.method.hybrid_mask_training import HybridMaskTraining, make_optimizer
@@ -36,10 +38,12 @@ from dr_train.orchestrate import records
 from dr_train.plots import plot_loss_curve, read_metrics
 from dr_train.profiling import PhaseTimer
 from dr_train.run_folder import RelationFolder
+from dr_train.run_lock import RunLock
 from dr_train.runtime import autocast_context, set_determinism
 from dr_train.validation import Validator, resolve_every
 
 log = logging.getLogger("dr_train")
+LOCK_WAIT_SECONDS = 10.0        # how long a new run waits for a holder of its folder to exit (a Ray attempt dying)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -230,15 +234,20 @@ class RelationRun:
         """Load a checkpoint written by any number of ranks and any ZeRO stage (before the engine exists)."""
         assert self.engine is None or self.cfg.distributed.zero_stage == 0, "resume before the first step"
         tensors, state = self.checkpoints.read(path)
-        if state.get("identity") != self._identity():
+        if "identity" not in state:
+            raise ValueError(f"checkpoint file {path / 'state.json'} has no 'identity' entry")
+        if state["identity"] != self._identity():
             raise ValueError(f"checkpoint {path / 'state.json'} was written for {state.get('identity')}, which does "
                              f"not match this run ({self._identity()})")
         self.restoring = path
         self.checkpoints.restore(tensors, state, path)
-        self.step = int(state["step"])
+        self.step = state["step"]
         self.last_checkpoint = path
-        if self.dist.is_main:           # metrics after the checkpoint belong to steps that will be redone
+        if self.dist.is_main:           # metrics and checkpoints after this one belong to steps that will be redone
             truncate_metrics(self.metrics_path, self.step)
+            for moved in ckpt.set_aside_after(self.checkpoint_dir, self.step):
+                log.info("%s: resuming from step %d: moved the later checkpoint %s aside to %s", self.relation.name,
+                         self.step, moved.name.split(".")[0], moved)
         self.dist.barrier()
 
     def close(self) -> None:
@@ -347,12 +356,19 @@ def _digest(tensors: dict[str, torch.Tensor], ids: list[str]) -> str:
     return h.hexdigest()
 
 
-def _prepare_output(run: RelationRun, resume: bool) -> None:
+def _prepare_output(run: RelationRun, resume: bool, resume_from: str = "") -> None:
+    """Resume (from `resume_from`, a step-N of this relation, or else from the latest checkpoint) or start fresh in
+    an empty folder; a run folder that holds a run is refused without `resume`."""
     existing = ckpt.list_checkpoints(run.checkpoint_dir)
     had_metrics = run.metrics_path.exists()
     run.dist.barrier()                  # every rank has looked before any rank changes the folder
+    if resume_from:
+        start = ckpt.find_checkpoint(run.checkpoint_dir, resume_from)
+        _resume_or_name_fallback(run, start, existing)
+        run.dist.info0("%s: resumed from %s (step %d, as --resume-from asked)", run.relation.name, start, run.step)
+        return
     if resume and existing:
-        run.resume(existing[-1])
+        _resume_or_name_fallback(run, existing[-1], existing)
         run.dist.info0("%s: resumed from %s (step %d)", run.relation.name, existing[-1], run.step)
         return
     if existing or (had_metrics and not resume):
@@ -363,6 +379,25 @@ def _prepare_output(run: RelationRun, resume: bool) -> None:
         run.metrics_path.unlink()           # main rank only: one rank removes, all ranks looked before
     run.out_dir.mkdir(parents=True, exist_ok=True)
     run.dist.barrier()
+
+
+def _resume_or_name_fallback(run: RelationRun, path: Path, existing: list[Path]) -> None:
+    """Resume from checkpoint `path`, one of `existing`; when it does not verify, the refusal names the newest
+    older checkpoint that does, for --resume-from."""
+    try:
+        run.resume(path)
+    except ValueError as e:
+        if ckpt.newest_verified([path]) is not None:
+            raise                           # intact, but not for this run (identity, a part's state): no fallback
+        older = ckpt.newest_verified([p for p in existing if ckpt.checkpoint_step(p) < ckpt.checkpoint_step(path)])
+        if older is None:
+            hint = (f"no older checkpoint verifies; to start over, remove {run.checkpoint_dir} or choose another "
+                    f"--output-dir")
+        else:
+            step = ckpt.checkpoint_step(older)
+            hint = (f"the older checkpoint {older} verifies: resume from it with --resume-from step-{step} "
+                    f"(train.resume_from=step-{step})")
+        raise ValueError(f"{e}; {hint}") from None
 
 
 VALIDATION_SCALARS = ("validation_relation_accuracy", "validation_subject_fidelity", "validation_seconds")
@@ -439,32 +474,85 @@ class _MainOnly:
 
 
 def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, dist: Dist, dataset: Path,
-                   validator=None, position: tuple[int, int] = (1, 1), overall=None) -> dict:
-    """Train one relation (resuming per train.resume), validate every validation.every steps, export; `position`
-    (i, n) is its place in the launch and `overall` the launch's progress bar (steps of every relation)."""
+                   validator=None, position: tuple[int, int] = (1, 1), overall=None, reopen: bool = False) -> dict:
+    """Train one relation (resuming per train.resume and train.resume_from), validate every validation.every steps,
+    export; `position` (i, n) is its place in the launch and `overall` the launch's progress bar (steps of every
+    relation). The relation folder is locked for the run (another trainer on it is refused); `reopen`: the
+    relation finished before and is trained further, so its DONE.json goes first."""
     folder = RelationFolder.of(cfg.train.output_dir, relation.name)
-    run = RelationRun(cfg, comps, relation, folder.path, dist, dataset)
+    with _folder_lock(folder, dist):
+        run = RelationRun(cfg, comps, relation, folder.path, dist, dataset)
+        try:
+            return _train_relation(run, folder, validator, position, overall, reopen)
+        finally:
+            run.close()
+
+
+def _train_relation(run: RelationRun, folder: RelationFolder, validator, position: tuple[int, int], overall,
+                    reopen: bool) -> dict:
+    cfg, dist, relation = run.cfg, run.dist, run.relation
+    resume_from = resume_from_option(cfg)
+    _prepare_output(run, cfg.train.resume or bool(resume_from), resume_from)
+    if reopen:
+        _reopen(folder, relation, cfg, dist)
+    if dist.is_main:
+        atomic_write_text(folder.config, json.dumps(cfg.to_dict(), indent=1))
+    started = time.perf_counter()
+    last, validation_seconds = _train_loop(run, validator, position, overall)
+    wall = time.perf_counter() - started
+    if validation_seconds:
+        dist.info0("%s: validation took %.1f s, %.1f %% of the relation's training time", relation.name,
+                   validation_seconds, 100.0 * validation_seconds / max(wall, 1e-9))
+    result = {"relation": relation.name, "steps": run.step, "status": "finished", "wall_seconds": wall,
+              "checkpoint": str(run.last_checkpoint), "world_size": dist.world_size,
+              "final": _final_losses(run.metrics_path) if dist.is_main else {}, **last}
+    result |= _export(run)
+    if dist.is_main:
+        plot_loss_curve(run.metrics_path, folder.loss_curve, title=relation.name)
+        atomic_write_text(folder.done, json.dumps(result, indent=1))
+    dist.barrier()
+    return result
+
+
+def resume_from_option(cfg: Config) -> str:
+    """train.resume_from: the checkpoint (step-N) to resume from instead of the latest; empty = the latest."""
+    return getattr(cfg.train, "resume_from", "")
+
+
+@contextmanager
+def _folder_lock(folder: RelationFolder, dist: Dist) -> Iterator[None]:
+    """The relation folder, locked by the main rank for the run (one lock per run, not per rank); every rank
+    raises the main rank's refusal."""
+    lock, refusal = None, None
+    if dist.is_main:
+        try:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            lock = RunLock.acquire(folder.lock, f"relation folder {folder.path}", wait_seconds=LOCK_WAIT_SECONDS)
+        except ValueError as e:
+            refusal = str(e)
+        except OSError as e:
+            refusal = f"cannot lock the relation folder {folder.path}: {e}"
+    refusal = dist.all_gather_objects(refusal)[0]
+    if refusal:
+        raise ValueError(refusal)
     try:
-        _prepare_output(run, cfg.train.resume)
-        if dist.is_main:
-            folder.config.write_text(json.dumps(cfg.to_dict(), indent=1))
-        started = time.perf_counter()
-        last, validation_seconds = _train_loop(run, validator, position, overall)
-        wall = time.perf_counter() - started
-        if validation_seconds:
-            dist.info0("%s: validation took %.1f s, %.1f %% of the relation's training time", relation.name,
-                       validation_seconds, 100.0 * validation_seconds / max(wall, 1e-9))
-        result = {"relation": relation.name, "steps": run.step, "status": "finished", "wall_seconds": wall,
-                  "checkpoint": str(run.last_checkpoint), "world_size": dist.world_size,
-                  "final": _final_losses(run.metrics_path) if dist.is_main else {}, **last}
-        result |= _export(run)
-        if dist.is_main:
-            plot_loss_curve(run.metrics_path, folder.loss_curve, title=relation.name)
-            folder.done.write_text(json.dumps(result, indent=1))
-        dist.barrier()
-        return result
+        yield
     finally:
-        run.close()
+        if lock is not None:
+            lock.release()
+
+
+def _reopen(folder: RelationFolder, relation: Relation, cfg: Config, dist: Dist) -> None:
+    """A finished relation trained further: unfinished again (no DONE.json) until its new steps are done."""
+    if dist.is_main and folder.done.is_file():
+        steps = json.loads(folder.done.read_text())["steps"]
+        resume_from = resume_from_option(cfg)
+        if resume_from:
+            log.info("%s: reopening the finished run (%s steps) from %s", relation.name, steps, resume_from)
+        else:
+            log.info("%s: extending from step %s to %d", relation.name, steps, cfg.train.max_steps)
+        folder.done.unlink()
+    dist.barrier()
 
 
 def _train_loop(run: RelationRun, validator, position: tuple[int, int], overall) -> tuple[dict, float]:
@@ -525,26 +613,36 @@ def _tensorboard(folder: Path):
 
 
 def _plan(cfg: Config, relations: list[Relation]) -> dict[str, str]:
-    """Per relation: 'train' (new or unfinished), 'extend' (finished with fewer steps than asked, --resume), 'skip'
-    (finished with enough steps, or with fewer but no --resume)."""
+    """Per relation: 'train' (new or unfinished), 'extend' (finished, and --resume asks for more steps than it
+    had, or --resume-from names one of its checkpoints), 'skip' (finished with enough steps, or with fewer but no
+    --resume)."""
     plan = {}
     for relation in relations:
         steps = records.finished_steps(Path(cfg.train.output_dir) / relation.name)
         if steps is None:
             plan[relation.name] = "train"
-        elif steps < cfg.train.max_steps and cfg.train.resume:
+        elif (steps < cfg.train.max_steps and cfg.train.resume) or resume_from_option(cfg):
             plan[relation.name] = "extend"
         else:
             plan[relation.name] = "skip"
     return plan
 
 
+def _check_resume_from(cfg: Config, relations: list[Relation]) -> None:
+    if resume_from_option(cfg) and len(relations) != 1:
+        raise ValueError(f"train.resume_from (--resume-from) names a checkpoint of one relation, but "
+                         f"{len(relations)} relations are selected: select one with --relations")
+
+
 def train(cfg: Config) -> list[dict]:
     """Train every selected relation one after another on one loaded backbone, on every rank of this launch.
     A finished relation (DONE.json) is skipped unless --resume asks it for more steps than it had: then it continues
-    from its last checkpoint. A re-run after a crash continues where it stopped."""
+    from its last checkpoint. A re-run after a crash continues where it stopped (--resume), or from the checkpoint
+    --resume-from names (train.resume_from, one relation; later checkpoints are moved to checkpoints/superseded/).
+    Each relation folder is locked while it trains: a second trainer on it is refused, naming the holder."""
     catalog = catalog_for(cfg)
     relations = select_relations(cfg.train.relations, catalog)
+    _check_resume_from(cfg, relations)
     d = cfg.distributed
     dist = init_distributed(d.backend, uses_deepspeed(d.engine, d.zero_stage, d.offload_optimizer, d.offload_params),
                             d.timeout_minutes)
@@ -586,15 +684,9 @@ def train(cfg: Config) -> list[dict]:
                 status = f"skipped (finished at {steps} steps{'; --resume extends it' if more else ''})"
                 results.append(json.loads(done.read_text()) | {"status": status})
                 continue
-            if plan[relation.name] == "extend":
-                if dist.is_main:
-                    log.info("%s: extending from step %s to %d", relation.name,
-                             json.loads(done.read_text())["steps"], cfg.train.max_steps)
-                    done.unlink()                  # unfinished again until the new steps are done
-                dist.barrier()
             position += 1
             results.append(train_relation(cfg, comps, relation, dist, dataset, validator,
-                                          (position, len(pending)), overall))
+                                          (position, len(pending)), overall, reopen=plan[relation.name] == "extend"))
         if overall is not None:
             overall.close()
         if len(relations) > 1:

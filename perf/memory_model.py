@@ -49,7 +49,12 @@ VALIDATION = [
     {"name": "2 blocks, 6x32, 37x96x128, bf16, batch 2", "layers": 2, "heads": 6, "head_dim": 32, "frames": 37,
      "height": 96, "width": 128, "dtype": "bfloat16", "checkpointing": False, "batch": 2},
 ]
-TABLE = [(p, f, h, w) for p in ("mochi",) for f, h, w in ((61, 480, 848), (37, 480, 848), (61, 240, 424))]
+TABLE_CLIPS = ((61, 480, 848), (37, 480, 848), (61, 256, 448))
+TABLE_SETUPS = (("bf16 base, checkpointing (default)", dict(checkpointing=True)),
+                ("bf16 base, no checkpointing", dict(checkpointing=False)),
+                ("fp8 base, checkpointing", dict(checkpointing=True, fp8_base=True)),
+                ("fp8 base, 16 blocks swapped (configs/memory/24gb.yaml)",
+                 dict(checkpointing=True, fp8_base=True, blocks_to_swap=16)))
 TEXT_TOKENS = 32
 
 
@@ -111,8 +116,8 @@ def measure(case: dict, work: Path) -> int:
               *geometry.latent_size(case["height"], case["width"]))
     dataset = fabricate(work / "dataset", latent, (TEXT_TOKENS, arch["text_embed_dim"]), samples=4 * batch,
                         per_shard=4)
-    run = RelationRun(cfg, comps, Relation(name="bench", prompt="fabricated"), work / "run", Dist(device=torch.device("cpu")),
-                      dataset)
+    run = RelationRun(cfg, comps, Relation(name="bench", prompt="fabricated"), work / "run",
+                      Dist(device=torch.device("cpu")), dataset)
     run.train_step()                      # the optimizer's state exists from the first step on
     before = live_bytes(run)
     peak = step_peak_bytes(run.train_step)
@@ -191,15 +196,31 @@ def validate(out: Path) -> int:
     return 0 if worst <= 0.15 and not disagree else 1
 
 
+def _card(p) -> str:
+    if p.fits(24 * GIB):
+        return ""
+    return ": needs a 48 GB card" if p.fits(48 * GIB) else ": needs more than 48 GB"
+
+
 def table() -> list[str]:
-    """The README's memory table: predicted peak per GPU for Mochi-1 LoRA training (one rank, batch 1)."""
-    lines = ["| clip | checkpointing | ZeRO / offload | predicted peak per GPU |", "|---|---|---|---|"]
+    """The README's memory table: predicted peak per GPU for Mochi-1 LoRA training (one rank, batch 1), with the
+    one configuration measured on a GPU marked."""
+    measured = {(r["name"].split(",")[0], "checkpointing on" in r["name"]): r["measured_GiB"] for r in gpu_rows()
+                if "measured_GiB" in r}
     arch = architecture("mochi")
-    for _, f, h, w in TABLE:
-        latent = (1, 12, geometry.latent_frames(f), *geometry.latent_size(h, w))
-        for ckpt in (True, False):
-            p = predict(arch, latent, 256, LoRAConfig(), torch.bfloat16, ckpt)
-            lines.append(f"| {f}x{h}x{w} | {'on' if ckpt else 'off'} | none | {p.total / GIB:.1f} GiB (predicted) |")
+    lines = ["| setup | " + " | ".join(f"{f}x{h}x{w}" for f, h, w in TABLE_CLIPS) + " |",
+             "|---|" + "---|" * len(TABLE_CLIPS)]
+    for label, options in TABLE_SETUPS:
+        cells = []
+        for f, h, w in TABLE_CLIPS:
+            latent = (1, 12, geometry.latent_frames(f), *geometry.latent_size(h, w))
+            p = predict(arch, latent, 256, LoRAConfig(), torch.bfloat16, **options)
+            cell = f"{p.total / GIB:.1f} GiB predicted"
+            seen = measured.get((f"Mochi-1 {f}x{h}x{w}", options["checkpointing"]))
+            if seen is not None and len(options) == 1:
+                cell += f", {seen:.1f} measured"
+            cells.append(cell + _card(p))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
