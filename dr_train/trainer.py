@@ -102,10 +102,9 @@ class RelationRun:
         self.null_embed, self.null_mask = torch.from_numpy(null_embed), torch.from_numpy(null_mask)
         self.step = 0
         self.folder = RelationFolder(out_dir)
-        self.checkpoint_dir, self.metrics_path = self.folder.checkpoints, self.folder.metrics
         self.last_checkpoint: Path | None = None
         self.restoring: Path | None = None     # the checkpoint being loaded, for the parts' messages
-        self.checkpoints = ckpt.CheckpointManager(self.checkpoint_dir, keep=cfg.train.keep_checkpoints)
+        self.checkpoints = ckpt.CheckpointManager(self.folder.checkpoints, keep=cfg.train.keep_checkpoints)
         self.checkpoints.register("adapters", _AdapterPart(self), tensors="adapters")
         self.checkpoints.register("optimizer", _OptimizerPart(self), tensors="optimizer", state="optimizer")
         self.checkpoints.register("scheduler", self.scheduler, state="scheduler")
@@ -244,8 +243,8 @@ class RelationRun:
         self.step = state["step"]
         self.last_checkpoint = path
         if self.dist.is_main:           # metrics and checkpoints after this one belong to steps that will be redone
-            truncate_metrics(self.metrics_path, self.step)
-            for moved in ckpt.set_aside_after(self.checkpoint_dir, self.step):
+            truncate_metrics(self.folder.metrics, self.step)
+            for moved in ckpt.set_aside_after(self.folder.checkpoints, self.step):
                 log.info("%s: resuming from step %d: moved the later checkpoint %s aside to %s", self.relation.name,
                          self.step, moved.name.split(".")[0], moved)
         self.dist.barrier()
@@ -359,11 +358,11 @@ def _digest(tensors: dict[str, torch.Tensor], ids: list[str]) -> str:
 def _prepare_output(run: RelationRun, resume: bool, resume_from: str = "") -> None:
     """Resume (from `resume_from`, a step-N of this relation, or else from the latest checkpoint) or start fresh in
     an empty folder; a run folder that holds a run is refused without `resume`."""
-    existing = ckpt.list_checkpoints(run.checkpoint_dir)
-    had_metrics = run.metrics_path.exists()
+    existing = ckpt.list_checkpoints(run.folder.checkpoints)
+    had_metrics = run.folder.metrics.exists()
     run.dist.barrier()                  # every rank has looked before any rank changes the folder
     if resume_from:
-        start = ckpt.find_checkpoint(run.checkpoint_dir, resume_from)
+        start = ckpt.find_checkpoint(run.folder.checkpoints, resume_from)
         _resume_or_name_fallback(run, start, existing)
         run.dist.info0("%s: resumed from %s (step %d, as --resume-from asked)", run.relation.name, start, run.step)
         return
@@ -376,7 +375,7 @@ def _prepare_output(run: RelationRun, resume: bool, resume_from: str = "") -> No
                          f"it or choose another --output-dir")
     if had_metrics and run.dist.is_main:
         log.info("%s: no checkpoint to resume from; restarting from step 0", run.relation.name)
-        run.metrics_path.unlink()           # main rank only: one rank removes, all ranks looked before
+        run.folder.metrics.unlink()           # main rank only: one rank removes, all ranks looked before
     run.out_dir.mkdir(parents=True, exist_ok=True)
     run.dist.barrier()
 
@@ -391,7 +390,7 @@ def _resume_or_name_fallback(run: RelationRun, path: Path, existing: list[Path])
             raise                           # intact, but not for this run (identity, a part's state): no fallback
         older = ckpt.newest_verified([p for p in existing if ckpt.checkpoint_step(p) < ckpt.checkpoint_step(path)])
         if older is None:
-            hint = (f"no older checkpoint verifies; to start over, remove {run.checkpoint_dir} or choose another "
+            hint = (f"no older checkpoint verifies; to start over, remove {run.folder.checkpoints} or choose another "
                     f"--output-dir")
         else:
             step = ckpt.checkpoint_step(older)
@@ -412,7 +411,7 @@ class _MainOnly:
         self.wandb = None
         if self.main and cfg.log.wandb:
             self.wandb = WandbRun(cfg, run.relation.name, run.out_dir)
-        self.metrics = run.metrics_path.open("a") if self.main else None
+        self.metrics = run.folder.metrics.open("a") if self.main else None
         i, n = position
         self.bar = tqdm(total=cfg.train.max_steps, initial=run.step, unit="step", dynamic_ncols=True, leave=n == 1,
                         desc=run.relation.name if n == 1 else f"[{i}/{n}] {run.relation.name}",
@@ -505,10 +504,10 @@ def _train_relation(run: RelationRun, folder: RelationFolder, validator, positio
                    validation_seconds, 100.0 * validation_seconds / max(wall, 1e-9))
     result = {"relation": relation.name, "steps": run.step, "status": "finished", "wall_seconds": wall,
               "checkpoint": str(run.last_checkpoint), "world_size": dist.world_size,
-              "final": _final_losses(run.metrics_path) if dist.is_main else {}, **last}
+              "final": _final_losses(run.folder.metrics) if dist.is_main else {}, **last}
     result |= _export(run)
     if dist.is_main:
-        plot_loss_curve(run.metrics_path, folder.loss_curve, title=relation.name)
+        plot_loss_curve(run.folder.metrics, folder.loss_curve, title=relation.name)
         atomic_write_text(folder.done, json.dumps(result, indent=1))
     dist.barrier()
     return result
