@@ -6,6 +6,8 @@ and a test keeps the two identical, so each option's documentation lives here, n
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +18,24 @@ import yaml
 from dr_train.geometry import check_video_size
 
 
-def opt(default: Any, help: str):
-    """A config option with its one-line documentation."""
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None):
+    """A config option with its one-line documentation and, for a number or a list of numbers, its range: every
+    value (every element of a list) must satisfy the bounds given (ge: >=, gt: >, le: <=, lt: <). Every number an
+    option holds must also be finite. `check_ranges` enforces both at load, naming the option."""
+    bounds = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
+    metadata = {"help": help, "bounds": bounds}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def range_text(bounds: dict) -> str:
+    """'>= 0, < 1' for {'ge': 0, 'lt': 1}."""
+    return ", ".join(f"{_BOUNDS[name][1]} {value:g}" for name, value in bounds.items())
 
 
 @dataclass
@@ -37,14 +52,20 @@ class ModelConfig:
                                          "tokens; CUDA + the flash-attn package), sdpa (batched, masked text "
                                          "tokens), reference (diffusers' per-sample loop), auto (flash where it "
                                          "can run, else sdpa)")
-    max_text_tokens: int = opt(0, "T5 sequence length; 0 = the preset's own (256 for Mochi-1, 24 for synth, 16 for tiny)")
+    max_text_tokens: int = opt(0, "T5 sequence length; 0 = the preset's own (256 for Mochi-1, 24 for synth, 16 for "
+                                  "tiny)", ge=0)
+    fp8_base: bool = opt(False, "store the frozen Linear weights in fp8 (e4m3, a scale per output row), dequantised "
+                                "per layer for each matmul: about halves the base's memory (docs/memory.md)")
+    blocks_to_swap: int = opt(0, "keep this many of the last transformer blocks in host memory and copy each in just "
+                                 "before it runs, the next prefetched (needs gradient_checkpointing; docs/memory.md)",
+                              ge=0)
 
 
 @dataclass
 class LoRAConfig:
     """The relation LoRA triplet."""
-    rank: int = opt(16, "LoRA rank of every adapter")
-    alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / rank)")
+    rank: int = opt(16, "LoRA rank of every adapter", ge=1)
+    alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / rank)", gt=0)
     placement: Any = opt("paper", "where each adapter goes: a preset name (paper, relation_v, relation_q, "
                                   "relation_kv, no_relation, no_subject, no_ffn, direct) or a mapping "
                                   "{adapter: [projection, ...]} over to_q, to_k, to_v, add_q_proj, add_k_proj, "
@@ -59,7 +80,8 @@ class HMTConfig:
     """Hybrid mask training: which adapters a step updates and which mask weights its loss."""
     enabled: bool = opt(True, "draw one of relation/subject1/subject2 per optimizer step; false updates every "
                               "adapter each step with the relation mask")
-    probabilities: list = opt([1 / 3, 1 / 3, 1 / 3], "draw probabilities of [relation, subject1, subject2]")
+    probabilities: list = opt([1 / 3, 1 / 3, 1 / 3], "draw probabilities of [relation, subject1, subject2], "
+                                                     "summing to 1", ge=0, le=1)
     forward: str = opt("selected", "adapters in a step's forward pass: selected (those the step updates: relation "
                                    "runs relation+subjects+ffn, subject k runs subject k+ffn; the official code) "
                                    "or all (every adapter runs, the unselected ones frozen)")
@@ -71,34 +93,34 @@ class LossConfig:
     mode: str = opt("paper", "paper: mean((w*M + 1) * err^2), relation mask = max of subject masks, latent masks "
                              "8x8 mean-pooled; official: mean((1 + w*M^2) * err^2), relation mask = sum of subject "
                              "masks, latent masks 8x8 max-pooled (the official code's resize)")
-    mask_weight: float = opt(50.0, "lambda_m, the weight of the mask term")
-    rcl_weight: float = opt(0.01, "lambda_1, the weight of the relational contrastive loss (0 disables it)")
-    temperature: float = opt(0.07, "InfoNCE temperature tau")
+    mask_weight: float = opt(50.0, "lambda_m, the weight of the mask term", ge=0)
+    rcl_weight: float = opt(0.01, "lambda_1, the weight of the relational contrastive loss (0 disables it)", ge=0)
+    temperature: float = opt(0.07, "InfoNCE temperature tau", gt=0)
     rcl_variant: str = opt("paper", "paper: per clip n_pos positives from other videos (bank + batch), per anchor "
                                     "frame n_neg detached single-frame negatives from this clip and the bank; "
                                     "official: per anchor frame up to n_pos positives from the bank's last bank_size "
                                     "clips (same video allowed), negatives = this clip's frames (with gradient) + "
                                     "max(n_neg - frames, 0) from the last negative_bank_frames frames")
-    n_pos: int = opt(4, "positives per anchor frame (dynamics of other videos from the memory bank)")
-    n_neg: int = opt(10, "negatives per anchor frame (single-frame features of this and past videos)")
-    bank_size: int = opt(64, "FIFO memory bank capacity, in videos (official variant: its positive buffer)")
+    n_pos: int = opt(4, "positives per anchor frame (dynamics of other videos from the memory bank)", ge=1)
+    n_neg: int = opt(10, "negatives per anchor frame (single-frame features of this and past videos)", ge=1)
+    bank_size: int = opt(64, "FIFO memory bank capacity, in videos (official variant: its positive buffer)", ge=1)
     negative_bank_frames: int = opt(64, "official variant: FIFO of single-frame features the extra negatives come "
-                                        "from, in frames")
+                                        "from, in frames", ge=0)
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup and cosine decay."""
-    lr: float = opt(2e-4, "peak learning rate")
-    weight_decay: float = opt(0.01, "decoupled weight decay (applied only to the adapters updated this step)")
-    betas: list = opt([0.9, 0.999], "AdamW betas")
-    eps: float = opt(1e-8, "AdamW epsilon")
-    warmup_steps: int = opt(10, "linear warmup steps")
+    lr: float = opt(2e-4, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.01, "decoupled weight decay (applied only to the adapters updated this step)", ge=0)
+    betas: list = opt([0.9, 0.999], "AdamW betas", ge=0, lt=1)
+    eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+    warmup_steps: int = opt(10, "linear warmup steps", ge=0)
     schedule: str = opt("cosine", "cosine or constant after warmup")
-    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of lr (cosine)")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of lr (cosine)", ge=0, le=1)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", ge=0)
     schedule_steps: int = opt(0, "horizon of the warmup + cosine schedule in steps (0 = train.max_steps); fix it to "
-                                 "extend a run later exactly as if it had been trained straight")
+                                 "extend a run later exactly as if it had been trained straight", ge=0)
     frozen_adapters: str = opt("skip", "adapters a step does not update: skip (AdamW leaves them untouched, no "
                                        "moments, no decay) or zero_grad (they get zero gradients and AdamW still "
                                        "applies momentum and weight decay, as in the official code)")
@@ -112,13 +134,13 @@ class DataConfig:
     catalog: str = opt("", "relation catalog YAML; empty means the repository's datasets/relations.yaml")
     cache_dir: str = opt(".cache/dr_train", "where synthetic datasets are generated (one folder per setting)")
     videos_per_relation: int = opt(12, "synthetic: clips generated per relation (with the synth preset: the "
-                                       "world's person exemplars, one fixed set)")
+                                       "world's person exemplars, one fixed set)", ge=1)
     latent_frames: int = opt(0, "synthetic: latent frames per clip (pixel frames = 6*(F-1)+1); 0 = the preset's "
-                                "native size (synth: 5, the 25-frame clips it was pretrained on; tiny: 3)")
-    latent_height: int = opt(0, "synthetic: latent height (pixels / 8); 0 = the preset's (8)")
-    latent_width: int = opt(0, "synthetic: latent width (pixels / 8); 0 = the preset's (8)")
-    caption_dropout: float = opt(0.1, "probability of training a sample with an empty prompt")
-    num_workers: int = opt(0, "DataLoader worker processes reading shards (0 reads in the training process)")
+                                "native size (synth: 5, the 25-frame clips it was pretrained on; tiny: 3)", ge=0)
+    latent_height: int = opt(0, "synthetic: latent height (pixels / 8); 0 = the preset's (8)", ge=0)
+    latent_width: int = opt(0, "synthetic: latent width (pixels / 8); 0 = the preset's (8)", ge=0)
+    caption_dropout: float = opt(0.1, "probability of training a sample with an empty prompt", ge=0, le=1)
+    num_workers: int = opt(0, "DataLoader worker processes reading shards (0 reads in the training process)", ge=0)
     resampled: bool = opt(False, "draw each epoch's shards with replacement instead of a permutation")
 
 
@@ -126,10 +148,10 @@ class DataConfig:
 class PrepareConfig:
     """Data preparation (launch/prepare.py): videos -> subject masks -> latents + T5 embeddings -> shards.
     The VAE and T5 come from model.preset, so a dataset matches the model it trains."""
-    frames: int = opt(61, "frames per clip (1 + 6k for Mochi's VAE)")
-    height: int = opt(480, "clip height in pixels (multiple of 16)")
-    width: int = opt(848, "clip width in pixels (multiple of 16)")
-    fps: float = opt(30.0, "resample clips to this frame rate (0 keeps each video's own)")
+    frames: int = opt(61, "frames per clip (1 + 6k for Mochi's VAE)", ge=1)
+    height: int = opt(480, "clip height in pixels (multiple of 16)", ge=1)
+    width: int = opt(848, "clip width in pixels (multiple of 16)", ge=1)
+    fps: float = opt(30.0, "resample clips to this frame rate (0 keeps each video's own)", ge=0)
     trim: str = opt("center", "which window of a longer video to keep: center or start")
     video_backend: str = opt("auto", "video decoder: auto (DALI on a CUDA GPU when installed, else PyAV), pyav, "
                                      "dali")
@@ -138,19 +160,20 @@ class PrepareConfig:
     masks: str = opt("auto", "subject masks: png (colour-coded per-frame PNG folder <clip>_masks/ beside each "
                              "video), grounding_sam (Grounding DINO + SAM), or auto (png where the folder exists, "
                              "else grounding_sam)")
-    mask_colours: list = opt([[255, 0, 0], [0, 255, 0]], "RGB colours of subject 1 and subject 2 in PNG masks")
+    mask_colours: list = opt([[255, 0, 0], [0, 255, 0]], "RGB colours of subject 1 and subject 2 in PNG masks",
+                             ge=0, le=255)
     grounding_dino: str = opt("", "local folder of a transformers Grounding DINO model (masks=grounding_sam)")
     sam: str = opt("", "local folder of a transformers SAM model (masks=grounding_sam)")
     detection_prompt: str = opt("a person.", "Grounding DINO text query for the two subjects")
-    box_threshold: float = opt(0.3, "Grounding DINO box score threshold")
-    text_threshold: float = opt(0.25, "Grounding DINO text score threshold")
-    samples_per_shard: int = opt(8, "clips per WebDataset shard (shards hold one relation each)")
-    workers: int = opt(2, "processes decoding videos and masks in parallel (0 = in the main process)")
+    box_threshold: float = opt(0.3, "Grounding DINO box score threshold", ge=0, le=1)
+    text_threshold: float = opt(0.25, "Grounding DINO text score threshold", ge=0, le=1)
+    samples_per_shard: int = opt(8, "clips per WebDataset shard (shards hold one relation each)", ge=1)
+    workers: int = opt(2, "processes decoding videos and masks in parallel (0 = in the main process)", ge=0)
     strict: bool = opt(False, "stop at the first bad video instead of skipping it (skips are always counted "
                               "and logged)")
     vae_tiling: bool = opt(False, "encode with the VAE's spatial tiling (less memory for full-size clips)")
-    preview_frames: int = opt(5, "downscaled frames kept per sample for contact sheets")
-    preview_size: int = opt(128, "longer side of those preview frames, in pixels")
+    preview_frames: int = opt(5, "downscaled frames kept per sample for contact sheets", ge=1)
+    preview_size: int = opt(128, "longer side of those preview frames, in pixels", ge=8)
 
 
 @dataclass
@@ -160,11 +183,11 @@ class DistributedConfig:
     engine: str = opt("auto", "auto (DeepSpeed when zero_stage > 0 or offloading, else plain torch), deepspeed, "
                               "torch (LoRA gradients averaged over ranks, no sharding)")
     zero_stage: int = opt(0, "DeepSpeed ZeRO stage: 0, 1 or 2 (shard the LoRA optimizer state and gradients), "
-                             "3 (also shard the frozen backbone's parameters across ranks)")
+                             "3 (also shard the frozen backbone's parameters across ranks)", ge=0, le=3)
     offload_optimizer: bool = opt(False, "ZeRO: keep the optimizer state in CPU memory")
     offload_params: bool = opt(False, "ZeRO-3: keep the backbone's parameters in CPU memory")
     backend: str = opt("auto", "process-group backend: auto (nccl with CUDA, gloo otherwise), nccl, gloo")
-    timeout_minutes: int = opt(30, "timeout of collective operations")
+    timeout_minutes: int = opt(30, "timeout of collective operations", ge=1)
 
 
 @dataclass
@@ -173,18 +196,22 @@ class TrainConfig:
     relations: list = opt(["handshaking", "high_five"], "relations to train, by catalog name ('all' = every "
                                                         "catalog relation)")
     output_dir: str = opt("runs/default", "one folder per relation is written under it")
-    max_steps: int = opt(200, "optimizer steps per relation (the paper: 2400)")
-    batch_size: int = opt(1, "clips per micro-batch")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    checkpoint_every: int = opt(50, "write a checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = opt(2, "checkpoints kept per relation (older ones are deleted)")
-    seed: int = opt(0, "seed of every random stream (adapters, HMT draws, noise, data order, bank sampling)")
+    max_steps: int = opt(200, "optimizer steps per relation (the paper: 2400)", ge=1)
+    batch_size: int = opt(1, "clips per micro-batch", ge=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    checkpoint_every: int = opt(50, "write a checkpoint every N steps (and at the end)", ge=1)
+    keep_checkpoints: int = opt(2, "checkpoints kept per relation (older ones are deleted)", ge=1)
+    seed: int = opt(0, "seed of every random stream (adapters, HMT draws, noise, data order, bank sampling)", ge=0)
     deterministic: bool = opt(False, "deterministic kernels, so runs and resumed runs are bit-identical")
     kernels: str = opt("auto", "fused loss/feature kernels: auto (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; "
                                "torch otherwise), triton (required), torch (the plain references)")
     mixed_precision: str = opt("auto", "bf16 autocast: auto (on CUDA with bf16), bf16, or no")
-    log_every: int = opt(1, "TensorBoard scalars every N steps (metrics.jsonl gets every step)")
+    log_every: int = opt(1, "TensorBoard scalars every N steps (metrics.jsonl gets every step)", ge=1)
     resume: bool = opt(False, "continue each relation from its latest checkpoint")
+    resume_from: str = opt("", "a checkpoint name such as step-40 to resume from instead of the latest; used when "
+                               "the latest is damaged (one relation at a time)")
+    memory_check: bool = opt(True, "on a GPU, refuse to start when the memory model predicts the step does not fit "
+                                   "(perf/memory_model.py; the prediction is printed either way)")
     export: bool = opt(True, "export the inference LoRA (export_adapters) when a relation finishes")
     export_formats: list = opt(["diffusers", "comfyui"], "LoRA files the export writes: diffusers "
                                                          "(pytorch_lora_weights.safetensors) and/or comfyui "
@@ -196,12 +223,12 @@ class ValidationConfig:
     """Videos sampled during training with the inference adapters (lora.export_adapters), written to
     <output-dir>/<relation>/validation/ and TensorBoard; judged on the synth world. Training is not disturbed."""
     every: int = opt(-1, "sample every N steps; 0 = off; -1 = auto (every 100 steps with the synth preset, off "
-                         "otherwise)")
+                         "otherwise)", ge=-1)
     prompts: list = opt([], "prompts to sample; empty = the relation's training prompt and its first two "
                             "evaluation prompts")
-    seeds: list = opt([0], "sampling seeds of every prompt")
-    num_inference_steps: int = opt(32, "Euler sampler steps")
-    guidance_scale: float = opt(5.0, "classifier-free guidance scale")
+    seeds: list = opt([0], "sampling seeds of every prompt", ge=0)
+    num_inference_steps: int = opt(32, "Euler sampler steps (Mochi's schedule needs 2 or more)", ge=2)
+    guidance_scale: float = opt(5.0, "classifier-free guidance scale", ge=0)
 
 
 @dataclass
@@ -312,7 +339,45 @@ def load_sections(cfg, path: str | Path | None = None, overrides: list[str] | No
         for part in reversed(parts):
             nested = {part: nested}
         _apply(cfg, nested, "")
+    check_ranges(cfg)
     return cfg
+
+
+def _numbers(value: Any, where: str) -> list[tuple[str, Any]]:
+    """(name, number) for a number, or for every element of a (nested) list of numbers."""
+    if isinstance(value, (list, tuple)):
+        return [leaf for i, v in enumerate(value) for leaf in _numbers(v, f"{where}[{i}]")]
+    if isinstance(value, str):
+        try:
+            return [(where, float(value))]
+        except ValueError:
+            raise ValueError(f"config option {where}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config option {where}: expected a number, got {value!r}")
+    return [(where, value)]
+
+
+def check_ranges(cfg) -> None:
+    """Every number of every option of `cfg` (a dataclass of section dataclasses) is finite and within the bounds
+    its `opt` declares; a ValueError names the first option that is not."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            value, bounds = getattr(section, f.name), f.metadata.get("bounds", {})
+            where = f"{sec.name}.{f.name}"
+            if bounds:
+                leaves = _numbers(value, where)
+            elif isinstance(value, float):
+                leaves = [(where, value)]
+            else:
+                continue
+            for name, number in leaves:
+                if not math.isfinite(float(number)):
+                    raise ValueError(f"config option {name} must be a finite number, got {number}")
+                for bound, limit in bounds.items():
+                    compare, symbol = _BOUNDS[bound]
+                    if not compare(float(number), limit):
+                        raise ValueError(f"config option {name} must be {symbol} {limit:g}, got {number}")
 
 
 def validate(cfg: Config) -> None:
@@ -335,25 +400,16 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.mixed_precision must be auto, bf16 or no, got {cfg.train.mixed_precision!r}")
     if cfg.optim.schedule not in ("cosine", "constant"):
         raise ValueError(f"optim.schedule must be cosine or constant, got {cfg.optim.schedule!r}")
-    p = cfg.hmt.probabilities
-    if len(p) != 3 or any(float(x) < 0 for x in p) or sum(float(x) for x in p) <= 0:
-        raise ValueError(f"hmt.probabilities must be 3 non-negative numbers with a positive sum, got {p!r}")
-    for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
-        if getattr(cfg.train, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
-    if cfg.loss.n_pos < 1 or cfg.loss.n_neg < 1 or cfg.loss.bank_size < 1:
-        raise ValueError("loss.n_pos, loss.n_neg and loss.bank_size must be >= 1")
-    if cfg.loss.negative_bank_frames < 0 or cfg.optim.schedule_steps < 0:
-        raise ValueError(f"loss.negative_bank_frames and optim.schedule_steps must be >= 0, got "
-                         f"{cfg.loss.negative_bank_frames} and {cfg.optim.schedule_steps}")
-    if not 0.0 <= cfg.data.caption_dropout <= 1.0:
-        raise ValueError(f"data.caption_dropout must be in [0, 1], got {cfg.data.caption_dropout}")
+    p = [float(x) for x in cfg.hmt.probabilities]
+    if len(p) != 3 or abs(sum(p) - 1.0) > 1e-6:
+        raise ValueError(f"hmt.probabilities must be 3 non-negative numbers summing to 1 (relation, subject1, "
+                         f"subject2), got {cfg.hmt.probabilities!r} (sum {sum(p):g})")
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas must be 2 numbers (AdamW's beta1, beta2), got {cfg.optim.betas!r}")
     d = cfg.distributed
     if d.engine not in ("auto", "deepspeed", "torch") or d.backend not in ("auto", "nccl", "gloo"):
         raise ValueError(f"distributed.engine must be auto, deepspeed or torch and distributed.backend auto, nccl "
                          f"or gloo; got {d.engine!r}, {d.backend!r}")
-    if d.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}")
     if d.offload_params and d.zero_stage != 3:
         raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
     if d.engine == "torch" and (d.zero_stage or d.offload_optimizer or d.offload_params):
@@ -363,13 +419,15 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.export_formats must be a non-empty list of diffusers, comfyui; got {formats!r}")
     if cfg.log.wandb_mode not in ("", "online", "offline", "disabled"):
         raise ValueError(f"log.wandb_mode must be online, offline, disabled or empty, got {cfg.log.wandb_mode!r}")
-    v = cfg.validation
-    if v.every < -1 or v.num_inference_steps < 1 or v.guidance_scale < 0 or not v.seeds:
-        raise ValueError(f"validation.every must be >= -1, validation.num_inference_steps >= 1, "
-                         f"validation.guidance_scale >= 0 and validation.seeds non-empty; got {v.every}, "
-                         f"{v.num_inference_steps}, {v.guidance_scale}, {v.seeds}")
-    if cfg.data.num_workers < 0:
-        raise ValueError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if not cfg.validation.seeds:
+        raise ValueError("validation.seeds must not be empty")
+    if cfg.model.blocks_to_swap and not cfg.model.gradient_checkpointing:
+        raise ValueError("model.blocks_to_swap needs model.gradient_checkpointing: true (without it a block's saved "
+                         "tensors hold its weights until backward)")
+    d = cfg.distributed
+    if cfg.model.blocks_to_swap and (d.engine == "deepspeed" or d.zero_stage or d.offload_optimizer or d.offload_params):
+        raise ValueError("model.blocks_to_swap needs the plain torch engine (no ZeRO, no offload): DeepSpeed places "
+                         "the whole backbone on the GPU")
     pr = cfg.prepare
     check_video_size(pr.frames, pr.height, pr.width, prefix="prepare.")
     choices = {"trim": ("center", "start"), "video_backend": ("auto", "pyav", "dali"),
@@ -377,11 +435,16 @@ def validate(cfg: Config) -> None:
     for name, allowed in choices.items():
         if getattr(pr, name) not in allowed:
             raise ValueError(f"prepare.{name} must be one of {', '.join(allowed)}, got {getattr(pr, name)!r}")
-    if pr.samples_per_shard < 1 or pr.workers < 0 or pr.preview_frames < 1 or pr.preview_size < 8:
-        raise ValueError("prepare.samples_per_shard and prepare.preview_frames must be >= 1, prepare.workers >= 0, "
-                         "prepare.preview_size >= 8")
-    if len(pr.mask_colours) != 2 or any(len(c) != 3 for c in pr.mask_colours):
+    if len(pr.mask_colours) != 2 or any(not isinstance(c, list) or len(c) != 3 for c in pr.mask_colours):
         raise ValueError(f"prepare.mask_colours must be two RGB triples, got {pr.mask_colours!r}")
+
+
+def _range_note(f: dataclasses.Field, value: Any) -> str:
+    """'; must be > 0' (or '; each must be ...' for a list) after an option's documentation, where it has bounds."""
+    bounds = f.metadata.get("bounds")
+    if not bounds:
+        return ""
+    return f"; {'each ' if isinstance(value, list) else ''}must be {range_text(bounds)}"
 
 
 TRAIN_HEADER = ("DreamRelation training configuration. Generated from dr_train/config.py (the documentation lives",
@@ -397,7 +460,7 @@ def dump_commented_yaml(cfg=None, header: tuple[str, ...] = TRAIN_HEADER) -> str
         lines.extend(f"# {line.strip()}" for line in type(section).__doc__.strip().splitlines())
         lines.append(f"{sec.name}:")
         for f in dataclasses.fields(section):
-            lines.append(f"  # {f.metadata['help']}")
+            lines.append(f"  # {f.metadata['help']}{_range_note(f, getattr(section, f.name))}")
             value = yaml.safe_dump({f.name: getattr(section, f.name)}, default_flow_style=True, width=1000).strip()
             lines.append("  " + value[1:-1])
         lines.append("")

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from dr_train import __version__
 from dr_train.catalog import catalog_for
 from dr_train.checkpoint import list_checkpoints, load_checkpoint
+from dr_train.cli import one_line_errors
 from dr_train.config import load_config
 from dr_train.lora_formats import comfyui_rank_splits, comfyui_state_dict
 from dr_train.method.triplet import (adapter_names, add_relation_lora_triplet, export_inference_lora,
@@ -281,15 +281,12 @@ def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        paths = export_checkpoint(a.relation_dir, a.step, _names(a.format),
-                                  _names(a.adapters) if a.adapters else None, a.out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    paths = export_checkpoint(a.relation_dir, a.step, _names(a.format), _names(a.adapters) if a.adapters else None,
+                              a.out)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

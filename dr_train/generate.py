@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,12 +34,14 @@ from tqdm.auto import tqdm
 
 from dr_train import fanout
 from dr_train.catalog import catalog_for
+from dr_train.cli import one_line_errors
 from dr_train.config import ModelConfig, load_config
 from dr_train.data.shards import load_manifest
 from dr_train.data.sources import synthetic_dataset_dir
 from dr_train.data.video import write_mp4
 from dr_train.geometry import check_frames, check_size
 from dr_train.io import atomic_path, atomic_write_text, read_json, sha256_file
+from dr_train.lora_formats import LoraFile, applied_lora_tensors, match_lora, read_lora_file
 from dr_train.model import load_mochi
 from dr_train.model.loading import PRESETS
 from dr_train.plots import keyframe_grid
@@ -131,8 +132,8 @@ class SamplerSettings:
     fps: int = 30
 
     def check(self) -> "SamplerSettings":
-        if self.steps < 1:
-            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+        if self.steps < 2:
+            raise ValueError(f"sampler steps must be >= 2 (Mochi's linear-quadratic schedule), got {self.steps}")
         check_frames(self.num_frames, "num_frames")
         check_size(self.height, self.width)
         if self.fps <= 0 or self.guidance_scale < 0:
@@ -195,21 +196,39 @@ def write_outputs(frames_FHWC: np.ndarray, out_dir: Path, fps: int) -> tuple[Pat
     return write_mp4(frames_FHWC, out_dir / "video.mp4", fps=fps), keyframe_grid(frames_FHWC, out_dir / "keyframes.png")
 
 
+def apply_lora(pipe, lora: str | Path | LoraFile, adapter_name: str, allow_partial: bool = False) -> int:
+    """Load the LoRA folder or file `lora` into the pipeline's transformer as `adapter_name`, after checking it
+    (lora_formats.read_lora_file, match_lora: a file that loads no LoRA weight, has wrong shapes or, unless
+    `allow_partial`, names modules the model lacks is a ValueError naming it). Returns the LoRA tensors applied."""
+    lora = lora if isinstance(lora, LoraFile) else read_lora_file(lora)
+    state = match_lora(lora, pipe.transformer, allow_partial)
+    pipe.load_lora_into_transformer(state, transformer=pipe.transformer, adapter_name=adapter_name,
+                                    metadata=lora.adapter_metadata, _pipeline=pipe)
+    applied = applied_lora_tensors(pipe.transformer, adapter_name)
+    if applied != len(state):
+        pipe.delete_adapters(adapter_name)
+        raise ValueError(f"LoRA file {lora.path}: diffusers applied {applied} of its {len(state)} matching tensors")
+    return applied
+
+
 def generate(prompt: str, out_dir: Path, lora: str | None = None, preset: str = "tiny", steps: int = 64,
              guidance_scale: float = 6.0, num_frames: int = 61, height: int = 480, width: int = 848,
-             seed: int = 0, fps: int = 30) -> dict:
-    """One video of `prompt` (with the LoRA folder or file `lora`, if given): video.mp4, keyframes.png and
-    generation.json in `out_dir`. Returns the metadata written to generation.json."""
+             seed: int = 0, fps: int = 30, allow_partial_lora: bool = False) -> dict:
+    """One video of `prompt` (with the LoRA folder or file `lora`, if given; see `apply_lora`): video.mp4,
+    keyframes.png and generation.json in `out_dir`. Returns the metadata written to generation.json, which records
+    the LoRA tensors applied (0 without a LoRA)."""
+    lora_file = read_lora_file(lora) if lora else None          # a bad file is refused before the model loads
     comps, pipe = load_pipeline(preset)
-    if lora:
-        pipe.load_lora_weights(lora, adapter_name="relation_lora")
+    applied = apply_lora(pipe, lora_file, "relation_lora", allow_partial_lora) if lora_file else 0
     settings = SamplerSettings(steps, guidance_scale, num_frames, height, width, fps)
     frames = sample_video(pipe, comps, prompt, settings, seed)
     out_dir = Path(out_dir)
     video, grid = write_outputs(frames, out_dir, fps)
-    meta = {"prompt": prompt, "lora": lora, "base_model": comps.source, "steps": steps,
-            "guidance_scale": guidance_scale, "seed": seed, "frames": int(frames.shape[0]),
-            "video": str(video), "keyframes": str(grid), "frames_sha256": frames_sha256(frames)}
+    meta = {"prompt": prompt, "lora": str(lora) if lora else None,
+            "lora_file": str(lora_file.path) if lora_file else None, "lora_tensors_applied": applied,
+            "base_model": comps.source, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
+            "frames": int(frames.shape[0]), "video": str(video), "keyframes": str(grid),
+            "frames_sha256": frames_sha256(frames)}
     (out_dir / "generation.json").write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -270,7 +289,7 @@ def item_complete(out: Path, item: GenerationItem, request: dict) -> bool:
 
 
 def _write_item(out: Path, item: GenerationItem, request: dict, frames: np.ndarray, seconds: float,
-                device: str) -> None:
+                device: str, lora_tensors: int) -> None:
     final = out / item.folder
     if final.parent.is_dir():                 # temporary folders of this item left by a killed process (atomic_path)
         for stale in final.parent.glob(f".{final.name}.tmp-*"):
@@ -278,10 +297,10 @@ def _write_item(out: Path, item: GenerationItem, request: dict, frames: np.ndarr
     with atomic_path(final) as tmp:
         write_outputs(frames, tmp, request["fps"])
         meta = {"request": request, "relation": item.relation, "kind": item.kind, "prompt_index": item.prompt_index,
-                "prompt": item.prompt, "seed": item.seed, "lora": item.lora, "sampler": SAMPLER,
-                "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
-                "video": "video.mp4", "keyframes": "keyframes.png", "frames_sha256": frames_sha256(frames),
-                "seconds": round(seconds, 3), "device": device}
+                "prompt": item.prompt, "seed": item.seed, "lora": item.lora, "lora_tensors_applied": lora_tensors,
+                "sampler": SAMPLER, "frames": int(frames.shape[0]), "height": int(frames.shape[1]),
+                "width": int(frames.shape[2]), "video": "video.mp4", "keyframes": "keyframes.png",
+                "frames_sha256": frames_sha256(frames), "seconds": round(seconds, 3), "device": device}
         (tmp / "generation.json").write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -323,8 +342,7 @@ class _Generator:
         if self.pipe is None:
             self.comps, self.pipe = load_pipeline(self.preset, vae_tiling=self.vae_tiling, progress_bar=False)
         name = _adapter_name(items[0].relation)
-        if lora is not None:
-            self.pipe.load_lora_weights(lora, adapter_name=name)
+        applied = apply_lora(self.pipe, lora, name) if lora is not None else 0
         try:
             for start in range(0, len(pending), self.batch_size):
                 chunk = pending[start:start + self.batch_size]
@@ -333,7 +351,8 @@ class _Generator:
                                        [i.seed for i in chunk])
                 seconds = (time.perf_counter() - started) / len(chunk)
                 for item, frames in zip(chunk, videos):
-                    _write_item(out, item, item.request(base_model, settings), frames, seconds, str(self.pipe.device))
+                    _write_item(out, item, item.request(base_model, settings), frames, seconds, str(self.pipe.device),
+                                applied)
                     progress(item)
         finally:
             if lora is not None:
@@ -527,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "one prompt (--prompt) or a whole training run (--run).")
     p.add_argument("--prompt", help="one prompt: generate a single video")
     p.add_argument("--lora", help="with --prompt: folder (or file) written by training's export: <run>/<relation>/lora")
+    p.add_argument("--allow-partial-lora", action="store_true",
+                   help="with --lora: load a LoRA some of whose modules are not in the model (the rest are "
+                        "skipped, and listed), instead of refusing it")
     p.add_argument("--seed", type=int, default=0, help="with --prompt: the seed")
     p.add_argument("--run", help="a training run folder: every finished relation x its prompts x seeds, + base model")
     p.add_argument("--relations", help="with --run: comma list of relations (default: all finished ones)")
@@ -536,30 +558,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     quiet_library_noise()
     if (a.prompt is None) == (a.run is None):
-        print("error: give either --prompt (one video) or --run (a training run's evaluation set)", file=sys.stderr)
-        return 2
-    try:
-        if a.prompt is not None:
-            preset = a.preset or ModelConfig().preset
-            steps, guidance, _ = sampler_defaults(preset, a.steps, a.guidance_scale, 1)
-            clip = PRESET_CLIP.get(preset, PAPER_CLIP)
-            c = SamplerSettings(steps, guidance, a.num_frames or clip[0], a.height or clip[1], a.width or clip[2],
-                                a.fps).check()
-            meta = generate(a.prompt, Path(a.output_dir or "runs/generate"), a.lora, preset, c.steps,
-                            c.guidance_scale, c.num_frames, c.height, c.width, a.seed, c.fps)
-            print(json.dumps(meta, indent=1))
-            return 0
-        relations = [r.strip() for r in a.relations.split(",") if r.strip()] if a.relations else None
-        index = generate_batch(a.run, relations, include_base=not a.no_base, out_dir=a.output_dir, **batch_kwargs(a))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError("give either --prompt (one video) or --run (a training run's evaluation set)")
+    if a.prompt is None and (a.lora or a.allow_partial_lora):
+        raise ValueError("--lora and --allow-partial-lora go with --prompt; --run uses each relation's exported LoRA")
+    if a.prompt is not None:
+        preset = a.preset or ModelConfig().preset
+        steps, guidance, _ = sampler_defaults(preset, a.steps, a.guidance_scale, 1)
+        clip = PRESET_CLIP.get(preset, PAPER_CLIP)
+        c = SamplerSettings(steps, guidance, a.num_frames or clip[0], a.height or clip[1], a.width or clip[2],
+                            a.fps).check()
+        meta = generate(a.prompt, Path(a.output_dir or "runs/generate"), a.lora, preset, c.steps,
+                        c.guidance_scale, c.num_frames, c.height, c.width, a.seed, c.fps, a.allow_partial_lora)
+        print(json.dumps(meta, indent=1))
+        return 0
+    relations = [r.strip() for r in a.relations.split(",") if r.strip()] if a.relations else None
+    index = generate_batch(a.run, relations, include_base=not a.no_base, out_dir=a.output_dir, **batch_kwargs(a))
     out = Path(a.output_dir) if a.output_dir else Path(a.run) / "eval" / "videos"
     print(f"{index['videos']} videos ({index['generated']} generated, {index['skipped']} already there); "
           f"index: {out / INDEX}")

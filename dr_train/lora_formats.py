@@ -13,12 +13,26 @@ ComfyUI weight:
 A fused qkv LoRA stacks the q, k and v LoRAs along the rank: down = cat([A_q, A_k, A_v]), up = the block-diagonal
 of B_q, B_k, B_v (zero rows where a projection has no LoRA); up @ down is then exactly cat([dW_q, dW_k, dW_v]).
 docs/export.md cites the ComfyUI code each of these choices follows.
+
+`read_lora_file` and `match_lora` check a LoRA given for inference (`launch/generate.py --lora`) before anything is
+loaded: a file that is not safetensors, holds no LoRA weight (a training checkpoint's adapters or optimizer file), has
+LoRA shapes that do not fit the model, or names modules the model does not have is refused with a ValueError naming
+the file (the last one may be allowed, loading the modules that match).
 """
 from __future__ import annotations
 
+import json
+import logging
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
+from dr_train.run_folder import LORA_FILE
+
+log = logging.getLogger("dr_train")
 
 DIFFUSERS_PREFIX = "transformer.transformer_blocks."
 COMFYUI_PREFIX = "diffusion_model.blocks."
@@ -200,3 +214,139 @@ def _split_fused(block: int, module: str, down: torch.Tensor, up: torch.Tensor,
         out[f"{DIFFUSERS_PREFIX}{block}.{proj}.lora_A.weight"] = a.contiguous()
         out[f"{DIFFUSERS_PREFIX}{block}.{proj}.lora_B.weight"] = b.contiguous()
     return out
+
+
+# ------------------------------------------------------------------------------------------ checking a LoRA file
+
+_LORA_KEY = re.compile(r"^(?:transformer\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_LISTED = 5                # unmatched or misfit modules an error names before '... and N more'
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"     # diffusers' LoRA config (rank, alpha) in a safetensors header
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A diffusers-layout LoRA read for inference: {module: (lora_A, lora_B)} of the transformer's modules, the keys
+    that are no LoRA pair of a module, and diffusers' adapter metadata from the header (None when absent)."""
+    path: Path
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    other_keys: list[str]
+    adapter_metadata: dict | None
+
+
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def lora_file_path(lora: str | Path) -> Path:
+    """The safetensors file a LoRA argument names: the file, or a folder's pytorch_lora_weights.safetensors."""
+    path = Path(lora)
+    if not path.exists():
+        raise ValueError(f"LoRA {path} does not exist")
+    if path.is_dir():
+        if not (path / LORA_FILE).is_file():
+            raise ValueError(f"LoRA folder {path} holds no {LORA_FILE} (give the folder training's export wrote, "
+                             f"<run>/<relation>/lora, or the file)")
+        path = path / LORA_FILE
+    return path
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"LoRA file {path} is not a safetensors file ({' '.join(str(e).split())}); dr_train reads "
+                         f"LoRAs only as safetensors") from None
+
+
+def _no_lora_weight(path: Path, keys: list[str]) -> ValueError:
+    """The refusal of a file without one LoRA weight, saying what the file looks like."""
+    export = "export it with launch/export.py <run>/<relation> and give the lora folder"
+    if any(re.fullmatch(r"[^/]+/.+\.lora_[AB]\.weight", k) for k in keys):
+        what = (f"a training checkpoint's adapter file ('<adapter>/<module>.lora_A.weight'), not an exported LoRA: "
+                f"{export}")
+    elif any(re.search(r"/(exp_avg|exp_avg_sq|step)$", k) for k in keys):
+        what = f"a training checkpoint's optimizer state ('<parameter>/exp_avg'), not a LoRA: {export}"
+    elif any(k.startswith(COMFYUI_PREFIX) for k in keys):
+        what = f"a LoRA in ComfyUI's layout: give the diffusers file {LORA_FILE} beside it"
+    else:
+        what = f"not a LoRA (its {len(keys)} tensors are named like {_listed(sorted(keys)[:2])})"
+    return ValueError(f"LoRA file {path} holds no LoRA weight: it is {what}")
+
+
+def read_lora_file(lora: str | Path) -> LoraFile:
+    """Read a LoRA for inference (a file, or a folder written by export). ValueError naming the file when it does not
+    exist, is not safetensors, holds no LoRA weight, or has a lora_A without its lora_B (or the reverse) or ranks that
+    disagree. Keys are diffusers' ('transformer.<module>.lora_A.weight'; the 'transformer.' prefix may be absent)."""
+    path = lora_file_path(lora)
+    tensors, header = _read_safetensors(path)
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    other = []
+    for key, tensor in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m is None or "/" in key:
+            other.append(key)
+        else:
+            halves.setdefault(m.group("module"), {})[m.group("ab")] = tensor
+    if not halves:
+        raise _no_lora_weight(path, list(tensors))
+    pairs = {}
+    for module, ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"LoRA file {path}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"LoRA file {path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                             f"which do not share a rank")
+        pairs[module] = (a, b)
+    try:
+        metadata = json.loads(header[ADAPTER_METADATA_KEY]) if ADAPTER_METADATA_KEY in header else None
+    except json.JSONDecodeError:
+        raise ValueError(f"LoRA file {path}: its {ADAPTER_METADATA_KEY} header is not JSON") from None
+    return LoraFile(path, pairs, sorted(other), metadata)
+
+
+def _base_linear(module) -> torch.nn.Linear | None:
+    """The Linear a LoRA goes on: the module itself, or the base layer of one an earlier adapter wrapped."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base if isinstance(base, torch.nn.Linear) else None
+
+
+def match_lora(lora: LoraFile, transformer, allow_partial: bool = False) -> dict[str, torch.Tensor]:
+    """The LoRA's tensors that go on `transformer`'s Linear layers, as a diffusers state dict
+    ('transformer.<module>.lora_A/B.weight', A before B). ValueError naming the file when no tensor fits, when a
+    module's LoRA shapes do not fit its Linear, or (unless `allow_partial`, which logs them instead) when some
+    modules are not in the model or some keys are no LoRA pair."""
+    modules = dict(transformer.named_modules())
+    matched, unmatched, misfits = {}, list(lora.other_keys), []
+    for name, (a, b) in lora.pairs.items():
+        linear = _base_linear(modules[name]) if name in modules else None
+        if linear is None:
+            unmatched.append(name)
+        elif a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+            misfits.append(f"{name} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} on a Linear "
+                           f"{linear.in_features} -> {linear.out_features})")
+        else:
+            matched[f"transformer.{name}.lora_A.weight"] = a
+            matched[f"transformer.{name}.lora_B.weight"] = b
+    if misfits:
+        raise ValueError(f"LoRA file {lora.path} does not fit this model: wrong LoRA shapes for {_listed(misfits)}")
+    if not matched:
+        raise ValueError(f"LoRA file {lora.path} loads no LoRA weight into this model: none of its {len(lora.pairs)} "
+                         f"modules is a Linear of the model ({_listed(unmatched)})")
+    if unmatched:
+        what = (f"LoRA file {lora.path}: {len(unmatched)} of its entries match no Linear of this model "
+                f"({_listed(unmatched)})")
+        if not allow_partial:
+            raise ValueError(f"{what}; it was made for another model (--allow-partial-lora loads the "
+                             f"{len(matched) // 2} modules that match)")
+        log.warning("%s; loading the %d modules that match (allowed)", what, len(matched) // 2)
+    return matched
+
+
+def applied_lora_tensors(transformer, adapter_name: str) -> int:
+    """LoRA tensors (lora_A and lora_B weights) of `adapter_name` in `transformer`'s layers."""
+    from peft.tuners.lora import LoraLayer     # deferred: peft is needed only where a LoRA is applied
+
+    return sum(2 for m in transformer.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A)

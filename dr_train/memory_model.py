@@ -183,9 +183,10 @@ class Prediction:
         return self.total * ALLOCATOR_MARGIN + CUDA_CONTEXT_BYTES <= device_bytes
 
     def lines(self) -> list[str]:
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items())
-        return [f"predicted peak {self.total / GIB:.2f} GiB per rank ({parts} GiB; checkpointing "
-                f"{'on' if self.checkpointing else 'off'}, {self.ranks} rank(s))"]
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 1024 ** 2)
+        parts = ", ".join(f"{k} {v / scale:.2f}" for k, v in self.parts.items())
+        return [f"predicted peak memory {self.total / scale:.2f} {unit} per rank ({parts} {unit}; checkpointing "
+                f"{'on' if self.checkpointing else 'off'}, {self.ranks} rank(s); perf/memory_model.py)"]
 
 
 def predict(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, dtype: torch.dtype, checkpointing: bool,
@@ -220,13 +221,44 @@ def predict(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, dtype: torc
 
 def predict_config(cfg, frames: int, height: int, width: int, ranks: int = 1) -> Prediction:
     """The prediction for a training config (`model`, `lora`, `distributed`, `train` sections) at a clip size."""
+    return _predict_config(cfg.model, cfg.lora, cfg.distributed, cfg.train.batch_size, frames, height, width, ranks)
+
+
+def check_fits(cfg, frames: int, height: int, width: int, ranks: int, device_bytes: int | None) -> Prediction:
+    """Predict; when `device_bytes` (the GPU's memory) is known and the run is predicted not to fit, raise a
+    ValueError naming the settings that would fit (unless train.memory_check is off)."""
+    p = predict_config(cfg, frames, height, width, ranks)
+    if device_bytes is None or p.fits(device_bytes) or not cfg.train.memory_check:
+        return p
+    blocks = architecture(cfg.model.preset)["num_layers"]
+    # the README's memory tiers, each adding to the previous
+    remedies = (("model.gradient_checkpointing=true", {"gradient_checkpointing": True}),
+                ("model.fp8_base=true", {"fp8_base": True}),
+                (f"model.blocks_to_swap={blocks // 2}", {"blocks_to_swap": max(blocks // 2, cfg.model.blocks_to_swap)}))
+    model, switched, hint = cfg.model, [], None
+    for label, change in remedies:
+        if all(getattr(model, k) == v for k, v in change.items()):
+            continue
+        model = dataclasses.replace(model, **change)
+        switched.append(label)
+        q = _predict_config(model, cfg.lora, cfg.distributed, cfg.train.batch_size, frames, height, width, ranks)
+        if q.fits(device_bytes):
+            hint = f"--set {' '.join(switched)} is predicted to fit ({q.total / GIB:.1f} GiB; configs/memory/)"
+            break
+    hint = hint or ("no memory setting is predicted to fit one GPU: shard with distributed.zero_stage=3 or shorten "
+                    "the clip")
+    raise ValueError(f"predicted peak memory {p.total / GIB:.1f} GiB per GPU does not fit this GPU's "
+                     f"{device_bytes / GIB:.1f} GiB (with {ALLOCATOR_MARGIN - 1:.0%} allocator slack and the CUDA "
+                     f"context); {hint}; train.memory_check=false starts anyway")
+
+
+def _predict_config(m, lora, d, batch_size: int, frames: int, height: int, width: int, ranks: int) -> Prediction:
     from dr_train.model.loading import resolve_dtype  # deferred: keeps this module importable without the loaders
     geometry.check_video_size(frames, height, width)
-    m, d = cfg.model, cfg.distributed
     arch = architecture(m.preset)
     tokens = m.max_text_tokens or TEXT_TOKENS.get(m.preset, arch.get("max_sequence_length", 256))
-    latent = (cfg.train.batch_size, arch.get("in_channels", 12), geometry.latent_frames(frames),
+    latent = (batch_size, arch.get("in_channels", 12), geometry.latent_frames(frames),
               *geometry.latent_size(height, width))
     dtype = resolve_dtype(m.preset, m.dtype)
-    return predict(arch, latent, tokens, cfg.lora, dtype, m.gradient_checkpointing, m.attention_backend,
-                   d.zero_stage, d.offload_optimizer, d.offload_params, ranks)
+    return predict(arch, latent, tokens, lora, dtype, m.gradient_checkpointing, m.attention_backend,
+                   d.zero_stage, d.offload_optimizer, d.offload_params, ranks, m.fp8_base, m.blocks_to_swap)

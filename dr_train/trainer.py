@@ -33,7 +33,9 @@ from dr_train.method.memory_bank import MemoryBank, OfficialMemoryBank
 from dr_train.method.triplet import (adapter_names, adapter_parameters, adapter_state_dict, add_relation_lora_triplet,
                                      load_adapter_state_dict, lora_named_parameters, resolve_placement,
                                      set_active_adapters)
+from dr_train.memory_model import check_fits
 from dr_train.model import MochiComponents, load_mochi
+from dr_train.model.frozen_base import prepare_frozen_base
 from dr_train.orchestrate import records
 from dr_train.plots import plot_loss_curve, read_metrics
 from dr_train.profiling import PhaseTimer
@@ -78,7 +80,10 @@ class RelationRun:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(stream_seed(seed, relation.name, "adapters"))
             add_relation_lora_triplet(self.transformer, cfg.lora)
-        self.transformer.to(self.device)
+        if comps.block_swap is None:
+            self.transformer.to(self.device)
+        else:                                   # the swapped blocks' weights stay in host memory
+            comps.block_swap.place_trainable()
         self.adapters = adapter_names(self.transformer)
         self.params_by_adapter = adapter_parameters(self.transformer)
         self.param_names = {p: n for n, p in lora_named_parameters(self.transformer).items()}
@@ -490,7 +495,7 @@ def train_relation(cfg: Config, comps: MochiComponents, relation: Relation, dist
 def _train_relation(run: RelationRun, folder: RelationFolder, validator, position: tuple[int, int], overall,
                     reopen: bool) -> dict:
     cfg, dist, relation = run.cfg, run.dist, run.relation
-    resume_from = resume_from_option(cfg)
+    resume_from = cfg.train.resume_from
     _prepare_output(run, cfg.train.resume or bool(resume_from), resume_from)
     if reopen:
         _reopen(folder, relation, cfg, dist)
@@ -513,9 +518,16 @@ def _train_relation(run: RelationRun, folder: RelationFolder, validator, positio
     return result
 
 
-def resume_from_option(cfg: Config) -> str:
-    """train.resume_from: the checkpoint (step-N) to resume from instead of the latest; empty = the latest."""
-    return getattr(cfg.train, "resume_from", "")
+def _memory_check(cfg: Config, dataset: Path, dist: Dist) -> None:
+    """Print the predicted peak memory per rank; on a GPU, refuse a run predicted not to fit (dr_train.memory_model)."""
+    video = load_manifest(dataset)["video"]
+    if not all(k in video for k in ("frames", "height", "width")):
+        return
+    device_bytes = (torch.cuda.get_device_properties(dist.device).total_memory if dist.device.type == "cuda"
+                    else None)
+    prediction = check_fits(cfg, int(video["frames"]), int(video["height"]), int(video["width"]), dist.world_size,
+                            device_bytes)
+    dist.info0("%s", prediction.lines()[0])
 
 
 @contextmanager
@@ -545,7 +557,7 @@ def _reopen(folder: RelationFolder, relation: Relation, cfg: Config, dist: Dist)
     """A finished relation trained further: unfinished again (no DONE.json) until its new steps are done."""
     if dist.is_main and folder.done.is_file():
         steps = json.loads(folder.done.read_text())["steps"]
-        resume_from = resume_from_option(cfg)
+        resume_from = cfg.train.resume_from
         if resume_from:
             log.info("%s: reopening the finished run (%s steps) from %s", relation.name, steps, resume_from)
         else:
@@ -620,7 +632,7 @@ def _plan(cfg: Config, relations: list[Relation]) -> dict[str, str]:
         steps = records.finished_steps(Path(cfg.train.output_dir) / relation.name)
         if steps is None:
             plan[relation.name] = "train"
-        elif (steps < cfg.train.max_steps and cfg.train.resume) or resume_from_option(cfg):
+        elif (steps < cfg.train.max_steps and cfg.train.resume) or cfg.train.resume_from:
             plan[relation.name] = "extend"
         else:
             plan[relation.name] = "skip"
@@ -628,7 +640,7 @@ def _plan(cfg: Config, relations: list[Relation]) -> dict[str, str]:
 
 
 def _check_resume_from(cfg: Config, relations: list[Relation]) -> None:
-    if resume_from_option(cfg) and len(relations) != 1:
+    if cfg.train.resume_from and len(relations) != 1:
         raise ValueError(f"train.resume_from (--resume-from) names a checkpoint of one relation, but "
                          f"{len(relations)} relations are selected: select one with --relations")
 
@@ -653,9 +665,12 @@ def train(cfg: Config) -> list[dict]:
         # one rank generates/extends the dataset, the others then find it
         dataset = dist.main_first(lambda: resolve_dataset(cfg, pending)) if pending else None
         validate = bool(pending) and resolve_every(cfg) > 0
+        if dataset is not None:
+            _memory_check(cfg, dataset, dist)
         comps = load_mochi(cfg.model.preset, cfg.model.dtype, cfg.model.attention_backend,
                            cfg.model.gradient_checkpointing, cfg.model.max_text_tokens,
                            parts=("transformer", "vae", "text_encoder") if validate else ("transformer",))
+        comps.block_swap = prepare_frozen_base(comps.transformer, cfg.model, cfg.lora, dist.device)
         validator = None
         if dataset is not None:
             check_dataset_matches_model(dataset, comps.transformer)

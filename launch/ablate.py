@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 
+from dr_train.cli import one_line_errors
 from dr_train.eval.ablations import run_ablations
 from dr_train.eval.evaluate import add_eval_args, eval_kwargs
 from dr_train.generate import add_batch_args, batch_kwargs
@@ -43,19 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--train-seeds must be a comma list of integers, got {text!r}") from None
+
+
+@one_line_errors
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     quiet_library_noise()
-    try:
-        seeds = [int(x) for x in a.train_seeds.split(",") if x.strip()] if a.train_seeds else None
-        result = run_ablations(a.out, [r.strip() for r in a.relations.split(",") if r.strip()], a.variants,
-                               a.train_steps, a.config, a.set, batch_kwargs(a), eval_kwargs(a), not a.no_base,
-                               train_seeds=seeds)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    seeds = _seeds(a.train_seeds) if a.train_seeds else None
+    result = run_ablations(a.out, [r.strip() for r in a.relations.split(",") if r.strip()], a.variants,
+                           a.train_steps, a.config, a.set, batch_kwargs(a), eval_kwargs(a), not a.no_base,
+                           train_seeds=seeds)
     print(f"table: {result['markdown']} and {result['csv']}")
     if result["results"] is not None:
         print(f"synth world results: {result['results']} ({result['results'].with_suffix('.md').name}, "

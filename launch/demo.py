@@ -2,7 +2,8 @@
 <output-dir>/report.html (`make demo`; see --help)."""
 import sys
 
+from dr_train.cli import one_line_errors
 from dr_train.demo import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main)())

@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dr_train.cli import one_line_errors
 from dr_train.eval.evaluate import add_eval_args, eval_kwargs, evaluate_run
 from dr_train.eval.report import build_report
 from dr_train.generate import add_batch_args, batch_kwargs, generate_batch
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -38,16 +40,12 @@ def main(argv=None) -> int:
     quiet_library_noise()
     run = Path(a.run)
     videos = Path(a.videos) if a.videos else run / "eval" / "videos"
-    try:
-        if not a.no_generate:
-            relations = [r.strip() for r in a.relations.split(",") if r.strip()] if a.relations else None
-            index = generate_batch(run, relations, include_base=not a.no_base, out_dir=videos, **batch_kwargs(a))
-            print(f"videos: {index['videos']} ({index['generated']} generated, {index['skipped']} already there)")
-        metrics = evaluate_run(run, videos, out_dir=a.out, **eval_kwargs(a))
-        paths = build_report(run, Path(a.out or run / "eval") / "metrics.json", prompts_shown=a.prompts_shown)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not a.no_generate:
+        relations = [r.strip() for r in a.relations.split(",") if r.strip()] if a.relations else None
+        index = generate_batch(run, relations, include_base=not a.no_base, out_dir=videos, **batch_kwargs(a))
+        print(f"videos: {index['videos']} ({index['generated']} generated, {index['skipped']} already there)")
+    metrics = evaluate_run(run, videos, out_dir=a.out, **eval_kwargs(a))
+    paths = build_report(run, Path(a.out or run / "eval") / "metrics.json", prompts_shown=a.prompts_shown)
     print(f"evaluated {sum(metrics['videos'].values())} videos; report: {paths['markdown']} and {paths['html']}")
     return 0
 

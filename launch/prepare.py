@@ -2,7 +2,8 @@
 (see --help)."""
 import sys
 
+from dr_train.cli import one_line_errors
 from dr_train.data.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main)())

@@ -11,7 +11,7 @@ the Ray flags are RayOptions' (dr_train/orchestrate/options.py). Exit status: 0 
 import argparse
 import sys
 
-from dr_train.cli import config_from_args
+from dr_train.cli import config_from_args, one_line_errors
 from dr_train.orchestrate import run_relations
 from dr_train.orchestrate.options import RayOptions, option_fields
 
@@ -38,21 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.output_dir, args.resume = None, False          # the storage is the output folder; resuming is implied
-    try:
-        cfg = config_from_args(args)
-        opts = RayOptions(**{f.name: getattr(args, f.name) for f in option_fields()})
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    try:
-        report = run_relations(cfg, opts)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    opts = RayOptions(**{f.name: getattr(args, f.name) for f in option_fields()})
+    report = run_relations(cfg, opts)
     return 1 if report.failed else 0
 
 

@@ -1,12 +1,17 @@
 """The memory model: predictions behave as memory does, and match measured peaks (CPU here; GPU rows committed)."""
+import json
+import logging
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dr_train.config import LoRAConfig
-from dr_train.memory_model import GIB, architecture, predict
+from conftest import small_config
+from dr_train.config import LoRAConfig, load_config
+from dr_train.memory_model import GIB, architecture, check_fits, predict
+from dr_train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "perf"))
@@ -62,3 +67,29 @@ def test_prediction_within_15_percent_of_the_measured_cpu_peak(tmp_path, case):
     small = dict(case, height=64, width=96)
     measured = perf_memory.measure(small, tmp_path)
     assert abs(perf_memory.predicted(small) / measured - 1) < 0.15
+
+
+def test_the_24gb_preset_is_predicted_to_fit_24gb_at_61x480x848():
+    cfg = load_config(str(REPO / "configs" / "memory" / "24gb.yaml"), ["model.preset=mochi"])
+    p = check_fits(cfg, 61, 480, 848, 1, 24 * GIB)
+    assert p.fits(24 * GIB) and p.parts["frozen_weights"] < 0.4 * _mochi().parts["frozen_weights"]
+
+
+def test_a_run_predicted_not_to_fit_is_refused_naming_what_would_fit():
+    cfg = load_config(None, ["model.preset=mochi", "model.gradient_checkpointing=true"])
+    with pytest.raises(ValueError, match=r"does not fit .*--set model\.fp8_base=true is predicted to fit"):
+        check_fits(cfg, 61, 480, 848, 1, 24 * GIB)
+    off = load_config(None, ["model.preset=mochi", "train.memory_check=false"])
+    assert not check_fits(off, 61, 480, 848, 1, 24 * GIB).fits(24 * GIB)      # printed, not refused
+    assert check_fits(cfg, 61, 480, 848, 1, None).total > 0                     # CPU: nothing to fit
+
+
+def test_training_with_fp8_and_block_swap_prints_the_prediction_and_learns(tmp_path, caplog):
+    cfg = small_config(tmp_path, **{"train.relations": "handshaking", "model.fp8_base": "true",
+                                    "model.blocks_to_swap": 1, "model.gradient_checkpointing": "true",
+                                    "train.max_steps": 6})
+    with caplog.at_level(logging.INFO, logger="dr_train"):
+        train(cfg)
+    assert any("predicted peak memory" in r.getMessage() for r in caplog.records)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "handshaking" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in rows)

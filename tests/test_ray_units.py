@@ -202,7 +202,8 @@ def test_cli_usage_errors_before_any_cluster(tmp_path):
     script = str(REPO / "launch" / "ray_submit.py")
     for args, msg in ([["--gpus-per-relation", "1.5"], "whole number"],
                       [["--relations", "moonwalking"], "unknown relation(s) moonwalking"],
-                      [["--set", "train.max_steps=0"], "train.max_steps must be >= 1"]):
+                      [["--set", "train.max_steps=0"], "train.max_steps must be >= 1"],
+                      [["--set", "train.resume_from=step-4"], "not on a Ray submission"]):
         proc = subprocess.run([sys.executable, script, "--storage", str(tmp_path / "s"), *args],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

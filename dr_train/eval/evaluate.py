@@ -246,100 +246,124 @@ def evaluate_run(run_dir: str | Path, videos_dir: str | Path | None = None, clip
         raise ValueError(f"{videos_dir / 'index.json'} lists no videos")
     if vlm_repeats < 1:
         raise ValueError(f"vlm_repeats must be >= 1, got {vlm_repeats}")
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info: dict = {}
-
-    scorer = None
-    if clip_path is not None:
-        scorer = ClipScorer(clip_path, device=device)
-        info["clip"] = {"computed": True, "weights": str(clip_path), "description": describe_clip(scorer, clip_label)}
-    else:
-        info["clip"] = {"computed": False, "reason": "not computed: no CLIP weights given"}
-
-    phrases = {}
-    if vlm is not None:
-        for name in relations:
-            catalog = catalog_for(relation_config(run_dir, name))
-            phrases[name] = catalog_phrase(catalog[name])
-        info["vlm"] = {"computed": True, **vlm.describe(), "repeats": vlm_repeats}
-    else:
-        info["vlm"] = {"computed": False, "reason": "not computed: no VLM endpoint given"}
-
-    reasons = judge_reasons(run_dir, relations) if judge else {r: "judge switched off" for r in relations}
-    # relations trained on the synth world's exemplars also get its kind metrics (dr_train.eval.world_scores)
-    world_relations = {r for r, why in reasons.items() if why is None
-                       and relation_config(run_dir, r).model.preset == "synth"}
-    info["world"] = {"computed": bool(world_relations), "relations": sorted(world_relations)}
-    judged = [r for r, why in reasons.items() if why is None]
-    info["judge"] = {"computed": bool(judged), "relations": judged,
-                     "not_judged": {r: why for r, why in reasons.items() if why is not None}}
-    if not judged:
-        info["judge"]["reason"] = "not computed: " + ("switched off" if not judge else
-                                                      "no relation was trained on the built-in synthetic data")
-
-    world_only = fvd is None and set(world_relations) == set(relations)
-    i3d, fvd_config, ref, info["fvd"] = setup_fvd(run_dir, relations, int(index["settings"]["num_frames"]),
-                                                  fvd is not False and not world_only, fvd_frames, fvd_reference,
-                                                  Path(fvd_cache) if fvd_cache else out / "fvd_cache", device,
-                                                  progress)
+    s = _Scorers(run_dir, relations, device)
+    s.setup_clip(clip_path, clip_label)
+    s.setup_vlm(vlm, vlm_repeats)
+    s.setup_judges(judge)
+    world_only = fvd is None and set(s.world_relations) == set(relations)
+    s.i3d, s.fvd_config, s.ref, s.info["fvd"] = setup_fvd(
+        run_dir, relations, int(index["settings"]["num_frames"]), fvd is not False and not world_only, fvd_frames,
+        fvd_reference, Path(fvd_cache) if fvd_cache else out / "fvd_cache", device, progress)
     if world_only:
-        info["fvd"]["reason"] = "not computed: the synth world's metrics replace it (--fvd computes it)"
-    fvd_reason = info["fvd"].get("reason")
+        s.info["fvd"]["reason"] = "not computed: the synth world's metrics replace it (--fvd computes it)"
 
     records: list[dict] = []
-    features: dict[tuple[str, str], list[np.ndarray]] = {}
     for item in tqdm(index["items"], desc="evaluate", unit="video", disable=not progress, dynamic_ncols=True):
         path = videos_dir / item["video"]
         if not path.is_file():
             raise ValueError(f"{path} (listed in {videos_dir / 'index.json'}) is missing")
-        frames = decode_video(path).frames
-        rec = {k: item[k] for k in ("relation", "kind", "prompt_index", "seed", "prompt", "video")}
-        rec["frames"] = int(frames.shape[0])
-        if scorer is not None:
-            rec.update({k: v for k, v in scorer.score(frames, item["prompt"]).items() if k != "num_frames"})
-        if item["relation"] in world_relations:
-            rec.update(world_scores.scorer().score(frames, item["relation"], item["prompt"]))
-            rec["judge_correct"] = rec["judge_prediction"] == item["relation"]
-        elif reasons.get(item["relation"]) is None:
-            predicted, _ = synthetic_judge().classify(frames)
-            rec["judge_prediction"] = predicted
-            rec["judge_correct"] = predicted == item["relation"]
-        if vlm is not None:
-            rec["vlm"] = relation_accuracy(vlm, frames, phrases[item["relation"]], repeats=vlm_repeats)
-            rec["vlm_yes_rate"] = rec["vlm"]["yes_rate"]
-        if ref is not None:
-            features.setdefault((item["relation"], item["kind"]), []).append(
-                i3d_features(i3d, [frames], fvd_config, device=device))
-        records.append(rec)
-
-    feature = fvd_config.feature_name if fvd_config is not None else None
-
-    def feats(keys) -> np.ndarray | None:
-        rows = [f for k in keys for f in features.get(k, [])]
-        return np.concatenate(rows) if rows else None
-
-    rows = []
-    for name in relations:
-        for kind in KINDS:
-            group = [r for r in records if r["relation"] == name and r["kind"] == kind]
-            if group:
-                rows.append(group_row(name, kind, group, feats([(name, kind)]), ref, feature, fvd_reason))
-    for kind in KINDS:
-        group = [r for r in records if r["kind"] == kind]
-        if group:
-            rows.append(group_row(ALL, kind, group, feats([(n, kind) for n in relations]), ref, feature, fvd_reason))
+        records.append(s.score(item, decode_video(path).frames))
 
     metrics = {"run_dir": str(run_dir), "videos_dir": str(videos_dir), "base_model": index["base_model"],
                "sampler": index["sampler"], "generation": index["settings"], "prompts": index["prompts"],
                "num_prompts": index.get("num_prompts"), "seeds": index["seeds"], "relations": relations,
                "videos": {kind: sum(r["kind"] == kind for r in records) for kind in KINDS},
-               "metrics": info, "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "metrics": s.info, "rows": s.rows(records), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / METRICS_FILE, metrics)
     write_videos_csv(out / VIDEOS_CSV, records)
     atomic_write_text(out / VIDEOS_JSONL, "".join(json.dumps(rec) + "\n" for rec in records))
     return metrics
+
+
+class _Scorers:
+    """What scores each video of a run (CLIP, VLM, the judges, I3D features for FVD), what was not computed and
+    why (`info`, the metrics.json "metrics" entry), and the per relation x kind rows."""
+
+    def __init__(self, run_dir: Path, relations: list[str], device: str):
+        self.run_dir, self.relations, self.device = run_dir, relations, device
+        self.info: dict = {}
+        self.clip = self.vlm = self.i3d = self.fvd_config = self.ref = None
+        self.phrases: dict[str, str] = {}
+        self.reasons: dict[str, str | None] = {}
+        self.world_relations: set[str] = set()
+        self.features: dict[tuple[str, str], list[np.ndarray]] = {}
+
+    def setup_clip(self, clip_path, clip_label) -> None:
+        if clip_path is None:
+            self.info["clip"] = {"computed": False, "reason": "not computed: no CLIP weights given"}
+            return
+        self.clip = ClipScorer(clip_path, device=self.device)
+        self.info["clip"] = {"computed": True, "weights": str(clip_path),
+                             "description": describe_clip(self.clip, clip_label)}
+
+    def setup_vlm(self, vlm, repeats: int) -> None:
+        self.vlm, self.vlm_repeats = vlm, repeats
+        if vlm is None:
+            self.info["vlm"] = {"computed": False, "reason": "not computed: no VLM endpoint given"}
+            return
+        for name in self.relations:
+            self.phrases[name] = catalog_phrase(catalog_for(relation_config(self.run_dir, name))[name])
+        self.info["vlm"] = {"computed": True, **vlm.describe(), "repeats": repeats}
+
+    def setup_judges(self, judge: bool) -> None:
+        """The programmatic judge for relations trained on the built-in synthetic data; relations trained on the
+        synth world's exemplars also get its kind metrics (dr_train.eval.world_scores)."""
+        run_dir, relations = self.run_dir, self.relations
+        self.reasons = judge_reasons(run_dir, relations) if judge else {r: "judge switched off" for r in relations}
+        self.world_relations = {r for r, why in self.reasons.items() if why is None
+                                and relation_config(run_dir, r).model.preset == "synth"}
+        self.info["world"] = {"computed": bool(self.world_relations), "relations": sorted(self.world_relations)}
+        judged = [r for r, why in self.reasons.items() if why is None]
+        self.info["judge"] = {"computed": bool(judged), "relations": judged,
+                              "not_judged": {r: why for r, why in self.reasons.items() if why is not None}}
+        if not judged:
+            self.info["judge"]["reason"] = "not computed: " + (
+                "switched off" if not judge else "no relation was trained on the built-in synthetic data")
+
+    def score(self, item: dict, frames: np.ndarray) -> dict:
+        """One video's record: its index entry and every metric computed for it."""
+        rec = {k: item[k] for k in ("relation", "kind", "prompt_index", "seed", "prompt", "video")}
+        rec["frames"] = int(frames.shape[0])
+        if self.clip is not None:
+            rec.update({k: v for k, v in self.clip.score(frames, item["prompt"]).items() if k != "num_frames"})
+        if item["relation"] in self.world_relations:
+            rec.update(world_scores.scorer().score(frames, item["relation"], item["prompt"]))
+            rec["judge_correct"] = rec["judge_prediction"] == item["relation"]
+        elif self.reasons.get(item["relation"]) is None:
+            predicted, _ = synthetic_judge().classify(frames)
+            rec["judge_prediction"] = predicted
+            rec["judge_correct"] = predicted == item["relation"]
+        if self.vlm is not None:
+            rec["vlm"] = relation_accuracy(self.vlm, frames, self.phrases[item["relation"]], repeats=self.vlm_repeats)
+            rec["vlm_yes_rate"] = rec["vlm"]["yes_rate"]
+        if self.ref is not None:
+            self.features.setdefault((item["relation"], item["kind"]), []).append(
+                i3d_features(self.i3d, [frames], self.fvd_config, device=self.device))
+        return rec
+
+    def rows(self, records: list[dict]) -> list[dict]:
+        """One row per relation and kind (base / LoRA), then one per kind over all relations."""
+        feature = self.fvd_config.feature_name if self.fvd_config is not None else None
+        fvd_reason = self.info["fvd"].get("reason")
+
+        def feats(keys) -> np.ndarray | None:
+            found = [f for k in keys for f in self.features.get(k, [])]
+            return np.concatenate(found) if found else None
+
+        rows = []
+        for name in self.relations:
+            for kind in KINDS:
+                group = [r for r in records if r["relation"] == name and r["kind"] == kind]
+                if group:
+                    rows.append(group_row(name, kind, group, feats([(name, kind)]), self.ref, feature, fvd_reason))
+        for kind in KINDS:
+            group = [r for r in records if r["kind"] == kind]
+            if group:
+                rows.append(group_row(ALL, kind, group, feats([(n, kind) for n in self.relations]), self.ref, feature,
+                                      fvd_reason))
+        return rows
 
 
 def write_videos_csv(path: Path, records: list[dict]) -> Path:

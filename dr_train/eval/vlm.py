@@ -7,7 +7,9 @@ the yes-rate is the fraction of answers whose first word is "yes". Definitions: 
 
 The API key is read from an environment variable at each request and only ever placed in the request's
 Authorization header (not carried over redirects); it is never stored on the client, logged, written into results
-or quoted in errors (server error bodies are redacted). Only the standard library is used for HTTP.
+or quoted in errors. Whatever the server sends back (answers, error bodies, reasons) is redacted before it is
+returned, logged or quoted, so a server that echoes the request cannot leak the key either (the key as sent, and
+JSON-, URL- and base64-encoded). Only the standard library is used for HTTP.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ KEYFRAMES = 5
 IMAGE_FORMATS = ("jpeg", "png")
 _MAX_DELAY = 60.0          # seconds: cap of one backoff delay, Retry-After included
 _ERROR_BODY_CHARS = 300    # how much of a server's error body an exception quotes
+_ERROR_BODY_READ = 1 << 16  # how much of it is read (and redacted as a whole) before that cut
 
 
 class VLMError(RuntimeError):
@@ -118,8 +121,20 @@ def _endpoint(base_url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def _secret_forms(secret: str) -> list[str]:
+    """The ways an echoing server may spell the secret: as sent, JSON-escaped, URL-quoted, base64; longest first."""
+    forms = {secret, json.dumps(secret)[1:-1], urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret),
+             base64.b64encode(secret.encode("utf-8")).decode("ascii")}
+    return sorted((f for f in forms if f), key=len, reverse=True)
+
+
 def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
+    """`text` with every form of `secret` replaced by '***' (the whole text first, so no cut can split the key)."""
+    if not secret:
+        return text
+    for form in _secret_forms(secret):
+        text = text.replace(form, "***")
+    return text
 
 
 class VLMClient:
@@ -200,10 +215,10 @@ class VLMClient:
                     raw = response.read()
                 return self._answer(raw, key)
             except urllib.error.HTTPError as e:
-                detail = _redact(e.read(_ERROR_BODY_CHARS).decode("utf-8", "replace"), key).strip()
+                detail = _redact(e.read(_ERROR_BODY_READ).decode("utf-8", "replace"), key).strip()
                 if e.code != 429 and not 500 <= e.code < 600:
-                    raise VLMError(f"VLM endpoint {self.endpoint} answered HTTP {e.code} {e.reason}: {detail}") \
-                        from None
+                    raise VLMError(_redact(f"VLM endpoint {self.endpoint} answered HTTP {e.code} {e.reason}: ", key)
+                                   + detail[:_ERROR_BODY_CHARS]) from None
                 reason = f"HTTP {e.code}"
                 retry_after = _seconds(e.headers.get("Retry-After") if e.headers else None)
             except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
@@ -223,11 +238,11 @@ class VLMClient:
             message = json.loads(raw)["choices"][0]["message"]
             content = message["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            snippet = _redact(raw[:_ERROR_BODY_CHARS].decode("utf-8", "replace"), key)
+            snippet = _redact(raw.decode("utf-8", "replace"), key)[:_ERROR_BODY_CHARS]
             raise VLMError(f"VLM endpoint {self.endpoint} sent no chat completion: {snippet}") from None
         if isinstance(content, list):          # some servers answer with content parts
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        return str(content or "")
+            content = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+        return _redact(str(content or ""), key)
 
 
 def _seconds(value: str | None) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
@@ -27,6 +28,7 @@ class MochiComponents:
     scheduler: FlowMatchEulerDiscreteScheduler
     max_text_tokens: int
     source: str
+    block_swap: Any = None          # dr_train.model.block_swap.BlockSwap when model.blocks_to_swap is on
 
     def pipeline(self) -> MochiPipeline:
         return MochiPipeline(scheduler=self.scheduler, vae=self.vae, text_encoder=self.text_encoder,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,10 @@ class RayOptions:
 
     def validate(self) -> None:
         """Raise a ValueError naming the flag of the first invalid option."""
+        for f in option_fields():
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.num_cpus < 0:
             raise ValueError(f"--num-cpus must be >= 0, got {self.num_cpus}")
         g, w = self.gpus_per_relation, self.workers_per_relation

@@ -219,6 +219,10 @@ def run_relations(cfg: Config, opts: RayOptions, out: TextIO | None = None) -> R
     ValueErrors raised before anything is submitted; a relation's own failure is a row of the table."""
     out = out or sys.stdout
     opts.validate()
+    if cfg.train.resume_from:
+        raise ValueError("train.resume_from rewinds one relation to an older checkpoint: run it with launch/train.py "
+                         "--relations <name> --resume-from step-N on the storage folder, not on a Ray submission "
+                         "(its retries would rewind again)")
     cfg = absolute_paths(cfg)
     names = [r.name for r in select_relations(cfg.train.relations, catalog_for(cfg))]
     storage = Path(opts.storage or cfg.train.output_dir).expanduser().resolve()
