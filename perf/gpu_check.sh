@@ -91,8 +91,9 @@ if [ $DRY = 1 ]; then
        --reps 1 --warmup 0 --no-plot --out "$RES"
   step profile-ckpt 120 "$PY" perf/profile_step.py --preset mochi --device cpu --num-layers 1 --frames 7 \
        --height 32 --width 32 --steps 1 --warmup 0 --gradient-checkpointing --no-plot --out "$RES"
-  step memory-24gb 120 "$PY" perf/profile_step.py --preset mochi --device cpu --num-layers 1 --frames 7 \
-       --height 32 --width 32 --steps 1 --warmup 0 --memory-gb 24 --no-plot --out "$RES"
+  step memory-24gb 120 "$PY" perf/profile_step.py --preset mochi --device cpu --num-layers 2 --frames 7 \
+       --height 32 --width 32 --steps 1 --warmup 0 --memory-gb 24 --config configs/memory/24gb.yaml \
+       --set model.blocks_to_swap=1 --gradient-checkpointing --no-plot --out "$RES"
 else
   step kernels 75 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_masked_loss.py \
        tests/test_kernels_relation_features.py tests/test_kernels_dispatch.py tests/test_attention.py \
@@ -107,8 +108,8 @@ else
        --no-gradient-checkpointing --out "$RES"
   step memory-48gb 70 "$PY" perf/profile_step.py --preset mochi --steps 2 --warmup 1 --gradient-checkpointing \
        --memory-gb 48 --no-plot --out "$RES"
-  step memory-24gb 40 "$PY" perf/profile_step.py --preset mochi --steps 2 --warmup 1 --gradient-checkpointing \
-       --memory-gb 24 --no-plot --out "$RES"
+  step memory-24gb 100 "$PY" perf/profile_step.py --preset mochi --steps 2 --warmup 1 --gradient-checkpointing \
+       --memory-gb 24 --config configs/memory/24gb.yaml --no-plot --out "$RES"
 fi
 
 echo "total $(( $(date +%s) - START ))s on $DEVICE_SLUG" | tee -a "$SUMMARY"

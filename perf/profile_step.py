@@ -65,6 +65,7 @@ from dr_train.data.sources import synthetic_latent_size  # noqa: E402
 from dr_train.distributed import Dist  # noqa: E402
 from dr_train.model import MochiComponents, load_mochi, set_attention_backend  # noqa: E402
 from dr_train.model.loading import MOCHI_TEXT_TOKENS, resolve_dtype  # noqa: E402
+from dr_train.model.frozen_base import prepare_frozen_base  # noqa: E402
 from dr_train.model.presets import TINY_TEXT_TOKENS  # noqa: E402
 from dr_train.trainer import NonFiniteLossError, RelationRun  # noqa: E402
 
@@ -496,10 +497,15 @@ def video_geometry(args, cfg, mochi: bool) -> tuple[int, int, int]:
 
 
 def build_components(mochi: bool, device, cfg, gc: bool, num_layers, text_tokens: int):
+    """The transformer to time, with the config's frozen-base memory options (fp8, block swap) applied."""
     if mochi:
         dtype = resolve_dtype("mochi", cfg.model.dtype)
-        return build_mochi_components(device, dtype, cfg.model.attention_backend, gc, num_layers, text_tokens)
-    return load_mochi("tiny", cfg.model.dtype, cfg.model.attention_backend, gc, text_tokens, parts=("transformer",))
+        comps = build_mochi_components(device, dtype, cfg.model.attention_backend, gc, num_layers, text_tokens)
+    else:
+        comps = load_mochi("tiny", cfg.model.dtype, cfg.model.attention_backend, gc, text_tokens,
+                           parts=("transformer",))
+    comps.block_swap = prepare_frozen_base(comps.transformer, cfg.model, cfg.lora, device)
+    return comps
 
 
 def profile_run(args, cfg, comps, device, work: Path, shape: dict, text_tokens: int, build_seconds: float,
