@@ -142,6 +142,9 @@ class DataConfig:
     caption_dropout: float = opt(0.1, "probability of training a sample with an empty prompt", ge=0, le=1)
     num_workers: int = opt(0, "DataLoader worker processes reading shards (0 reads in the training process)", ge=0)
     resampled: bool = opt(False, "draw each epoch's shards with replacement instead of a permutation")
+    skip_corrupt: bool = opt(False, "a damaged sample (checksum, shape or non-finite values) is logged, counted in "
+                                    "the metrics (corrupt_samples) and its batch slot filled with an intact sample of "
+                                    "the same shape, instead of stopping the run")
 
 
 @dataclass

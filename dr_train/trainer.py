@@ -102,7 +102,7 @@ class RelationRun:
         self.stream = ShardStream(dataset, [relation.name], cfg.train.batch_size,
                                   seed=stream_seed(seed, relation.name, "data"), rank=dist.rank,
                                   world_size=dist.world_size, num_workers=cfg.data.num_workers,
-                                  resampled=cfg.data.resampled)
+                                  resampled=cfg.data.resampled, skip_corrupt=cfg.data.skip_corrupt)
         null_embed, null_mask = self.stream.null_text
         self.null_embed, self.null_mask = torch.from_numpy(null_embed), torch.from_numpy(null_mask)
         self.step = 0
@@ -211,6 +211,8 @@ class RelationRun:
             "loss_rcl": sum(rcl) / len(rcl) if rcl else None, "rcl_skipped": skipped, "lr": lr,
             "grad_norm": engine.grad_norm, "sigma": sum(p["sigma"] for p in parts) / accum,
             "videos": [v for p in parts for v in p["videos"]], "seconds": time.perf_counter() - t0,
+            **({"corrupt_samples": sum(self.dist.all_gather_objects(self.stream.corrupt_samples))}
+               if self.cfg.data.skip_corrupt else {}),
         }
 
     # ---- checkpoints ----------------------------------------------------------------------------------------

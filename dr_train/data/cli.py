@@ -15,7 +15,7 @@ from dr_train.config import load_config
 from dr_train.data.contact_sheet import write_contact_sheet
 from dr_train.data.mask_import import load_mask_folder
 from dr_train.data.prepare import discover_videos, prepare_dataset, video_spec
-from dr_train.data.shards import load_manifest, read_shard, verify_dataset
+from dr_train.data.shards import dataset_file, load_manifest, read_shard, text_shape, verify_dataset
 from dr_train.data.sources import make_encoder, synthetic_renderer
 from dr_train.data.synthetic import write_synthetic_videos
 from dr_train.data.video import conform_frames, conform_masks, decode_video, plan_conform
@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="videos (+ masks) -> latents, text embeddings, shards")
     ingest.add_argument("inputs", nargs="+", type=Path,
                         help="video folders: <folder>/<relation>/<clip>.mp4, or NTU RGB+D files (any nesting)")
-    ingest.add_argument("--out", required=True, type=Path, help="dataset folder (created or extended)")
+    ingest.add_argument("--out", required=True, type=Path,
+                        help="dataset folder, created or extended: an existing dataset keeps every sample it has "
+                             "(the clips of these inputs are added, or rebuilt where they changed)")
+    ingest.add_argument("--replace", action="store_true",
+                        help="a clip whose name (relation + file stem) the dataset already has from another video "
+                             "replaces that sample (default: an error naming both videos)")
     ingest.add_argument("--masks-root", type=Path, help="mask folders as <root>/<relation>/<clip>/ or <root>/<clip>/ "
                                                         "(default: <clip>_masks/ beside each video)")
     _common(ingest)
@@ -72,7 +77,7 @@ def cmd_ingest(args) -> dict:
     cfg = _config(args)
     catalog = catalog_for(cfg)
     jobs = discover_videos(args.inputs, catalog, cfg.prepare.layout, _relations(args, catalog), args.masks_root)
-    return prepare_dataset(args.out, jobs, cfg.prepare, make_encoder(cfg))
+    return prepare_dataset(args.out, jobs, cfg.prepare, make_encoder(cfg), replace=args.replace)
 
 
 def cmd_synthetic(args) -> dict:
@@ -115,7 +120,8 @@ def cmd_sheet(args) -> dict:
     for shard in manifest["shards"]:
         for s in shard["samples"]:
             if s["key"] == args.key or (args.key is None and shard["relation"] == args.relation):
-                sample = next(read_shard(args.dataset / shard["name"], {s["key"]}))
+                sample = next(read_shard(dataset_file(args.dataset, shard["name"]), {s["key"]}, text_shape(manifest),
+                                         manifest["encoder"]["latent_channels"], shard))
                 latent = np.stack([sample.mask_subject1, sample.mask_subject2])
                 path = write_contact_sheet(args.out, sample.preview, sample.preview_masks.astype(np.float32) / 255.0,
                                            latent, title=f"{sample.key} ({sample.meta.get('source', '')})",

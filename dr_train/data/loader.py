@@ -10,7 +10,11 @@ the samples of a 1-rank run with an N times larger batch. Global batch k is read
 k mod W, which hands batches over round-robin: the delivered order is the plan's order for any worker count.
 
 A worker reads each shard it needs once per epoch, sequentially (WebDataset's tar reader), keeping only the
-samples its next batches use. The state is the number of global batches delivered; a resumed stream continues
+samples its next batches use. Each shard is held to the manifest in that same read (sha256, every sample's
+checksum, shapes, dtypes, finite values): a defect stops the stream with the shard and the sample named or, with
+`skip_corrupt`, the damaged sample's slot in its batch is filled with an intact sample of the same latent shape
+(from the batch, else the worker's recent reads), logged, and counted in `Batch.corrupt_samples` and
+`ShardStream.corrupt_samples`. The state is the number of global batches delivered; a resumed stream continues
 with the exact next batch on any number of ranks and workers, as long as the global batch size is unchanged.
 """
 from __future__ import annotations
@@ -26,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dr_train.data.shards import MASK_FIELDS, load_manifest, load_null_text, read_shard, text_shape
+from dr_train.data.shards import (MASK_FIELDS, ShardError, dataset_file, load_manifest, load_null_text, read_shard,
+                                  text_shape)
 
 log = logging.getLogger("dr_train")
 
@@ -41,7 +46,7 @@ class SampleRef:
 
 def dataset_refs(root: Path, manifest: dict, relations: list[str] | None = None) -> list[SampleRef]:
     """Samples of the selected relations, in manifest order; a selected relation without samples is an error."""
-    refs = [SampleRef(s["key"], str(Path(root) / shard["name"]), shard["relation"], tuple(s["latent_shape"]))
+    refs = [SampleRef(s["key"], str(dataset_file(root, shard["name"])), shard["relation"], tuple(s["latent_shape"]))
             for shard in manifest["shards"] for s in shard["samples"]
             if relations is None or shard["relation"] in relations]
     if relations is not None:
@@ -119,6 +124,7 @@ class Batch:
     mask_subject2_maxpool: torch.Tensor
     text_embed: torch.Tensor            # (B, L, D) prompt embeddings
     text_mask: torch.Tensor             # (B, L) bool, valid tokens
+    corrupt_samples: int = 0            # slots whose sample was damaged and filled with an intact one (skip_corrupt)
 
     def subject_masks(self, pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(subject 1, subject 2) masks, max-pooled when `pooled` (the official loss mode)."""
@@ -130,21 +136,22 @@ class Batch:
 assert tuple(f for f in Batch.__dataclass_fields__ if f.startswith("mask_")) == MASK_FIELDS
 
 
-def collate(samples: list, epoch: int) -> Batch:
+def collate(samples: list, epoch: int, corrupt_samples: int = 0) -> Batch:
     stack = lambda name: torch.from_numpy(np.stack([getattr(s, name) for s in samples]))  # noqa: E731
     return Batch(video_ids=[s.key for s in samples], relations=[s.meta.get("relation", "") for s in samples],
                  epoch=epoch, latents_mean=stack("latent_mean"), latents_logvar=stack("latent_logvar"),
                  **{name: stack(name) for name in MASK_FIELDS},
-                 text_embed=stack("text_embed"), text_mask=stack("text_mask"))
+                 text_embed=stack("text_embed"), text_mask=stack("text_mask"), corrupt_samples=corrupt_samples)
 
 
 class _RankBatches(IterableDataset):
     """One rank's slice of the global batches from index `start` on; worker w takes start + w, + W, ..."""
 
     def __init__(self, plan: StreamPlan, batch_size: int, rank: int, workers: int, start: int, text_shape_,
-                 latent_channels):
+                 latent_channels, entries: dict[str, dict], skip_corrupt: bool = False):
         self.plan, self.batch_size, self.rank, self.workers, self.start = plan, batch_size, rank, workers, start
         self.text_shape, self.latent_channels = text_shape_, latent_channels
+        self.entries, self.skip_corrupt = entries, skip_corrupt      # shard path -> its manifest entry
 
     def _slice(self, k: int) -> tuple[int, list[SampleRef]]:
         epoch, batch = self.plan.batch(k)
@@ -165,27 +172,58 @@ class _RankBatches(IterableDataset):
     def _read(self, batches: list[tuple[int, list[SampleRef]]]) -> Iterator[Batch]:
         uses = Counter(r for _, b in batches for r in b)
         loaded: dict[SampleRef, object] = {}
+        corrupt: set[SampleRef] = set()
         for epoch, batch in batches:
             for ref in batch:
-                if ref not in loaded:
-                    wanted = {r.key: r for r in uses if r.shard == ref.shard and r not in loaded}
-                    for sample in read_shard(Path(ref.shard), set(wanted), self.text_shape, self.latent_channels):
-                        loaded[wanted[sample.key]] = sample
-                    if ref not in loaded:
-                        raise ValueError(f"shard {ref.shard} lacks sample {ref.key!r} listed in the manifest "
-                                         f"(run `launch/prepare.py verify` on the dataset)")
-            yield collate([loaded[r] for r in batch], epoch)
+                if ref not in loaded and ref not in corrupt:
+                    wanted = {r.key: r for r in uses if r.shard == ref.shard and r not in loaded and r not in corrupt}
+                    self._load_shard(ref.shard, wanted, loaded, corrupt)
+            samples = [loaded.get(r) for r in batch]
+            bad = sum(s is None for s in samples)
+            if bad:
+                samples = self._fill(samples, batch, loaded)
+            yield collate(samples, epoch, bad)
             for ref in batch:
                 uses[ref] -= 1
                 if uses[ref] == 0:
-                    del uses[ref], loaded[ref]
+                    del uses[ref]
+                    loaded.pop(ref, None)
+                    corrupt.discard(ref)
+
+    def _load_shard(self, shard: str, wanted: dict[str, SampleRef], loaded: dict, corrupt: set) -> None:
+        """Read one shard (checked against its manifest entry) into `loaded`; with skip_corrupt, the wanted samples
+        it could not give are logged and put in `corrupt`."""
+        on_corrupt = (lambda msg: log.warning("corrupt data skipped: %s", msg)) if self.skip_corrupt else None
+        for sample in read_shard(Path(shard), set(wanted), self.text_shape, self.latent_channels,
+                                 self.entries[shard], on_corrupt):
+            loaded[wanted[sample.key]] = sample
+        lost = [r for r in wanted.values() if r not in loaded]
+        assert not lost or self.skip_corrupt, f"read_shard gave no error for the missing samples {lost}"
+        corrupt.update(lost)
+
+    @staticmethod
+    def _fill(samples: list, batch: list[SampleRef], loaded: dict) -> list:
+        """The batch with each damaged sample's slot filled by an intact sample of the same latent shape: one of
+        the batch, else one this worker has read for its next batches."""
+        shape = batch[0].latent_shape
+        spare = next((s for s in samples if s is not None), None)
+        if spare is None:
+            spare = next((s for r, s in loaded.items() if r.latent_shape == shape), None)
+        if spare is None:
+            names = ", ".join(f"{r.key!r} ({r.shard})" for r in batch)
+            raise ShardError(f"samples {names} are corrupt and no intact sample of latent shape {list(shape)} is at "
+                             f"hand to take their place: run `launch/prepare.py verify` on the dataset")
+        return [spare if s is None else s for s in samples]
 
 
 class ShardStream:
     """An endless stream of batches for one rank: `next_batch()`, `state_dict()`, `load_state_dict()`, `close()`."""
 
     def __init__(self, root: str | Path, relations: list[str] | None, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, resampled: bool = False):
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, resampled: bool = False,
+                 skip_corrupt: bool = False):
+        """`skip_corrupt`: a damaged sample is logged, counted (`corrupt_samples`, `Batch.corrupt_samples`) and its
+        slot filled with an intact sample, instead of stopping the stream with the shard and sample named."""
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
             raise ValueError(f"bad loader settings: batch_size={batch_size}, rank={rank}/{world_size}, "
                              f"num_workers={num_workers}")
@@ -199,13 +237,17 @@ class ShardStream:
             raise ValueError(f"dataset {self.root} has {len(self.refs)} samples of {relations or 'all relations'}: "
                              f"fewer than one global batch ({batch_size} per rank x {world_size} ranks)")
         self.plan = StreamPlan(self.refs, self.global_batch, seed, resampled)
+        self.skip_corrupt = skip_corrupt
+        self.entries = {str(dataset_file(self.root, e["name"])): e for e in self.manifest["shards"]}
         self.delivered = 0
+        self.corrupt_samples = 0          # batch slots so far whose sample was damaged (skip_corrupt)
         self._iter = None
         self.null_text = load_null_text(self.root, self.manifest)
 
     def _make_iter(self):
         dataset = _RankBatches(self.plan, self.batch_size, self.rank, max(1, self.workers), self.delivered,
-                               text_shape(self.manifest), self.manifest["encoder"].get("latent_channels"))
+                               text_shape(self.manifest), self.manifest["encoder"]["latent_channels"], self.entries,
+                               self.skip_corrupt)
         if self.workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=2))
@@ -215,6 +257,7 @@ class ShardStream:
             self._iter = self._make_iter()
         batch = next(self._iter)
         self.delivered += 1
+        self.corrupt_samples += batch.corrupt_samples
         return batch
 
     def close(self) -> None:
@@ -229,12 +272,13 @@ class ShardStream:
                 "samples": hashlib.sha256("\n".join(r.key for r in self.refs).encode()).hexdigest()[:16]}
 
     def state_dict(self) -> dict:
-        return {"delivered": self.delivered, **self._layout()}
+        return {"delivered": self.delivered, "corrupt_samples": self.corrupt_samples, **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
         layout = self._layout()
         saved = {k: state.get(k) for k in layout}
         self.close()
+        self.corrupt_samples = int(state.get("corrupt_samples", 0))
         if saved == layout:
             self.delivered = int(state["delivered"])
             return
