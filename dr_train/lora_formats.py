@@ -83,15 +83,21 @@ def _diffusers_pairs(state: dict[str, torch.Tensor], num_layers: int) -> dict[tu
         block, proj = int(m.group("block")), m.group("proj")
         _check_block(block, proj, num_layers, key)
         halves.setdefault((block, proj), {})[m.group("ab")] = tensor
+    return _pairs(halves, lambda key: f"LoRA of {DIFFUSERS_PREFIX}{key[0]}.{key[1]}")
+
+
+def _pairs(halves: dict, where) -> dict:
+    """{key: (lora_A, lora_B)} from {key: {"A": .., "B": ..}}; a ValueError starting with `where(key)` for a half
+    without its partner or a pair whose ranks disagree."""
     pairs = {}
-    for (block, proj), ab in halves.items():
+    for key, ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"LoRA of {DIFFUSERS_PREFIX}{block}.{proj} has lora_{''.join(ab)} but not both A and B")
+            raise ValueError(f"{where(key)} has lora_{''.join(ab)} but not both lora_A and lora_B")
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"LoRA of {DIFFUSERS_PREFIX}{block}.{proj}: lora_A {tuple(a.shape)} and lora_B "
-                             f"{tuple(b.shape)} do not share a rank")
-        pairs[(block, proj)] = (a, b)
+            raise ValueError(f"{where(key)}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not share a "
+                             f"rank")
+        pairs[key] = (a, b)
     return pairs
 
 
@@ -291,15 +297,7 @@ def read_lora_file(lora: str | Path) -> LoraFile:
             halves.setdefault(m.group("module"), {})[m.group("ab")] = tensor
     if not halves:
         raise _no_lora_weight(path, list(tensors))
-    pairs = {}
-    for module, ab in sorted(halves.items()):
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"LoRA file {path}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
-        a, b = ab["A"], ab["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"LoRA file {path}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                             f"which do not share a rank")
-        pairs[module] = (a, b)
+    pairs = _pairs(halves, lambda module: f"LoRA file {path}: {module}")
     try:
         metadata = json.loads(header[ADAPTER_METADATA_KEY]) if ADAPTER_METADATA_KEY in header else None
     except json.JSONDecodeError:

@@ -48,3 +48,12 @@ def make_run(cfg, relation_name: str, out_dir):
     relation = load_catalog()[relation_name]
     dataset = resolve_dataset(cfg, [relation])
     return RelationRun(cfg, load_mochi("tiny"), relation, out_dir, Dist(), dataset)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    """The tiny preset's VAE + T5 encoder at the data tests' size (data_helpers.SIZE)."""
+    from data_helpers import SIZE
+    from dr_train.config import load_config
+    from dr_train.data.sources import make_encoder
+    return make_encoder(load_config(None, SIZE), "cpu")

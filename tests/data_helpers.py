@@ -49,3 +49,12 @@ def fake_dataset(root: Path, per_relation: dict[str, int], per_shard: int = 3, s
         manifest["relations"][relation] = {"samples": count, "shards": names}
     shard_io.save_manifest(root, manifest)
     return root
+
+
+# prepare at test size: the tiny preset, 7 frames of 32 x 48, in the test process
+SIZE = ["model.preset=tiny", "prepare.frames=7", "prepare.height=32", "prepare.width=48", "prepare.workers=0"]
+
+
+def prepare_config(*extra):
+    from dr_train.config import load_config
+    return load_config(None, SIZE + list(extra)).prepare

@@ -11,29 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import fake_dataset, fake_sample
+from data_helpers import SIZE, prepare_config, fake_dataset, fake_sample
 from dr_train.catalog import load_catalog
-from dr_train.config import load_config
 from dr_train.data import cli as data_cli
 from dr_train.data import prepare as prepare_mod
 from dr_train.data import shards as shard_io
 from dr_train.data.loader import ShardStream
 from dr_train.data.mask_import import save_mask_folder
 from dr_train.data.prepare import discover_videos, prepare_dataset
-from dr_train.data.sources import make_encoder
 from dr_train.data.synthetic import render_clip
 from dr_train.data.video import write_mp4
 
-SIZE = ["model.preset=tiny", "prepare.frames=7", "prepare.height=32", "prepare.width=48", "prepare.workers=0"]
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    return make_encoder(load_config(None, SIZE), "cpu")
-
-
-def _cfg(*extra):
-    return load_config(None, SIZE + list(extra)).prepare
+_cfg = prepare_config
 
 
 def _clips(root: Path, names: list[str], relation="hugging", first_index=0) -> Path:

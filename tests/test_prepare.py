@@ -10,26 +10,16 @@ import pytest
 import torch
 
 from conftest import REPO
+from data_helpers import prepare_config
 from dr_train.catalog import load_catalog
-from dr_train.config import load_config
 from dr_train.data import shards as shard_io
 from dr_train.data.mask_import import load_mask_folder, save_mask_folder
 from dr_train.data.prepare import discover_videos, prepare_dataset
-from dr_train.data.sources import make_encoder
 from dr_train.data.synthetic import render_clip, write_synthetic_videos
 from dr_train.data.video import write_mp4
 from dr_train.masks import latent_masks
 
-SIZE = ["model.preset=tiny", "prepare.frames=7", "prepare.height=32", "prepare.width=48", "prepare.workers=0"]
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    return make_encoder(load_config(None, SIZE), "cpu")
-
-
-def _cfg(*extra):
-    return load_config(None, SIZE + list(extra)).prepare
+_cfg = prepare_config
 
 
 def _videos(root, relation="hugging", count=3):
