@@ -205,7 +205,7 @@ def predict(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, dtype: torc
     if zero_stage == 3:
         frozen = t.frozen_weights // len(t.per_block) if offload_params else t.frozen_weights // ranks
     elif blocks_to_swap:
-        swapped = t.block_weights[len(t.block_weights) - blocks_to_swap:]
+        swapped = t.block_weights[max(0, len(t.block_weights) - blocks_to_swap):]
         frozen = t.frozen_weights - sum(swapped) + 2 * max(swapped)        # the running block and its prefetch
     shard = lambda n, stage: n // ranks if zero_stage >= stage else n  # noqa: E731
     parts = {

@@ -8,16 +8,21 @@ def _run(t, x, e, ts, m):
     return t(hidden_states=x, encoder_hidden_states=e, timestep=ts, encoder_attention_mask=m, return_dict=False)[0]
 
 
-@pytest.mark.parametrize("valid", [(16, 16), (3, 11), (0, 7)])
-def test_sdpa_backend_matches_diffusers_reference(valid):
-    t = tiny_transformer()
-    g = torch.Generator().manual_seed(0)
+def _inputs(valid, seed):
+    """Latents (requiring grad), text embeddings, timesteps and a text mask with `valid[b]` tokens in sample b."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 12, 3, 6, 10, generator=g, requires_grad=True)
     e = torch.randn(2, 16, 32, generator=g)
     m = torch.zeros(2, 16, dtype=torch.bool)
     for b, n in enumerate(valid):
         m[b, :n] = True
-    ts = torch.tensor([250.0, 900.0])
+    return x, e, torch.tensor([250.0, 900.0]), m
+
+
+@pytest.mark.parametrize("valid", [(16, 16), (3, 11), (0, 7)])
+def test_sdpa_backend_matches_diffusers_reference(valid):
+    t = tiny_transformer()
+    x, e, ts, m = _inputs(valid, seed=0)
     set_attention_backend(t, "sdpa")
     out = _run(t, x, e, ts, m)
     (grad,) = torch.autograd.grad((out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum(), x)
@@ -53,13 +58,7 @@ def test_varlen_packing_matches_sdpa(valid):
     from dr_train.model.attention import FlashVarlenJointAttnProcessor
 
     t = tiny_transformer()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 12, 3, 6, 10, generator=g, requires_grad=True)
-    e = torch.randn(2, 16, 32, generator=g)
-    m = torch.zeros(2, 16, dtype=torch.bool)
-    for b, n in enumerate(valid):
-        m[b, :n] = True
-    ts = torch.tensor([250.0, 900.0])
+    x, e, ts, m = _inputs(valid, seed=1)
     set_attention_backend(t, "sdpa")
     ref = _run(t, x, e, ts, m).float()
     (ref_grad,) = torch.autograd.grad(ref.sum(), x)
