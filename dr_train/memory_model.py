@@ -126,7 +126,7 @@ def trace_activations(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, d
     for block in model.transformer_blocks:
         block.attn1.processor = _TracedAttention(probabilities=attention == "reference")
     frozen_tensors = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
-    frozen = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}  # counted apart
     current, saved, inputs = [-1], {}, []
 
     def enter(module, args, kwargs, index):
@@ -139,7 +139,7 @@ def trace_activations(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, d
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
-        if key not in frozen and key not in saved:
+        if key not in weights and key not in saved:
             saved[key] = (current[0], t.untyped_storage().nbytes())
         return t
 
@@ -162,10 +162,10 @@ def trace_activations(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, d
             per_block[block_index] += nbytes
     in_blocks = [n for i, n in saved.values() if i >= 0]
     lora = sum(p.nbytes for p in model.parameters() if p.requires_grad)
-    weights = sum(t.nbytes for t in frozen_tensors)
+    frozen = sum(t.nbytes for t in frozen_tensors)
     block_weights = [sum(t.nbytes for t in (*b.parameters(), *b.buffers()) if not t.requires_grad)
                      for b in model.transformer_blocks]
-    return ActivationTrace(per_block, outside, inputs, max(in_blocks, default=0), weights, lora, block_weights)
+    return ActivationTrace(per_block, outside, inputs, max(in_blocks, default=0), frozen, lora, block_weights)
 
 
 @dataclass
@@ -221,7 +221,16 @@ def predict(arch: dict, latent_BCFHW: tuple, text_tokens: int, lora, dtype: torc
 
 def predict_config(cfg, frames: int, height: int, width: int, ranks: int = 1) -> Prediction:
     """The prediction for a training config (`model`, `lora`, `distributed`, `train` sections) at a clip size."""
-    return _predict_config(cfg.model, cfg.lora, cfg.distributed, cfg.train.batch_size, frames, height, width, ranks)
+    from dr_train.model.loading import resolve_dtype  # deferred: keeps this module importable without the loaders
+    geometry.check_video_size(frames, height, width)
+    m, d = cfg.model, cfg.distributed
+    arch = architecture(m.preset)
+    tokens = m.max_text_tokens or TEXT_TOKENS.get(m.preset, arch.get("max_sequence_length", 256))
+    latent = (cfg.train.batch_size, arch.get("in_channels", 12), geometry.latent_frames(frames),
+              *geometry.latent_size(height, width))
+    return predict(arch, latent, tokens, cfg.lora, resolve_dtype(m.preset, m.dtype), m.gradient_checkpointing,
+                   m.attention_backend, d.zero_stage, d.offload_optimizer, d.offload_params, ranks, m.fp8_base,
+                   m.blocks_to_swap)
 
 
 def check_fits(cfg, frames: int, height: int, width: int, ranks: int, device_bytes: int | None) -> Prediction:
@@ -235,13 +244,13 @@ def check_fits(cfg, frames: int, height: int, width: int, ranks: int, device_byt
     remedies = (("model.gradient_checkpointing=true", {"gradient_checkpointing": True}),
                 ("model.fp8_base=true", {"fp8_base": True}),
                 (f"model.blocks_to_swap={blocks // 2}", {"blocks_to_swap": max(blocks // 2, cfg.model.blocks_to_swap)}))
-    model, switched, hint = cfg.model, [], None
+    tried, switched, hint = cfg, [], None
     for label, change in remedies:
-        if all(getattr(model, k) == v for k, v in change.items()):
+        if all(getattr(tried.model, k) == v for k, v in change.items()):
             continue
-        model = dataclasses.replace(model, **change)
+        tried = dataclasses.replace(tried, model=dataclasses.replace(tried.model, **change))
         switched.append(label)
-        q = _predict_config(model, cfg.lora, cfg.distributed, cfg.train.batch_size, frames, height, width, ranks)
+        q = predict_config(tried, frames, height, width, ranks)
         if q.fits(device_bytes):
             hint = f"--set {' '.join(switched)} is predicted to fit ({q.total / GIB:.1f} GiB; configs/memory/)"
             break
@@ -250,15 +259,3 @@ def check_fits(cfg, frames: int, height: int, width: int, ranks: int, device_byt
     raise ValueError(f"predicted peak memory {p.total / GIB:.1f} GiB per GPU does not fit this GPU's "
                      f"{device_bytes / GIB:.1f} GiB (with {ALLOCATOR_MARGIN - 1:.0%} allocator slack and the CUDA "
                      f"context); {hint}; train.memory_check=false starts anyway")
-
-
-def _predict_config(m, lora, d, batch_size: int, frames: int, height: int, width: int, ranks: int) -> Prediction:
-    from dr_train.model.loading import resolve_dtype  # deferred: keeps this module importable without the loaders
-    geometry.check_video_size(frames, height, width)
-    arch = architecture(m.preset)
-    tokens = m.max_text_tokens or TEXT_TOKENS.get(m.preset, arch.get("max_sequence_length", 256))
-    latent = (batch_size, arch.get("in_channels", 12), geometry.latent_frames(frames),
-              *geometry.latent_size(height, width))
-    dtype = resolve_dtype(m.preset, m.dtype)
-    return predict(arch, latent, tokens, lora, dtype, m.gradient_checkpointing, m.attention_backend,
-                   d.zero_stage, d.offload_optimizer, d.offload_params, ranks, m.fp8_base, m.blocks_to_swap)

@@ -1,5 +1,7 @@
+import contextlib
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -57,3 +59,24 @@ def encoder():
     from dr_train.config import load_config
     from dr_train.data.sources import make_encoder
     return make_encoder(load_config(None, SIZE), "cpu")
+
+
+@contextlib.contextmanager
+def local_vlm_server(monkeypatch, handler, key: str):
+    """A threaded HTTP server on 127.0.0.1 answering with `handler`, the VLM key `key` in the environment and the
+    loopback exempt from proxies; yields (server, its /v1 base URL), shut down after."""
+    from http.server import ThreadingHTTPServer
+
+    monkeypatch.setenv("DR_TRAIN_VLM_API_KEY", key)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

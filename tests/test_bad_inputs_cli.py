@@ -9,16 +9,15 @@ import re
 import runpy
 import subprocess
 import sys
-import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO
+from conftest import REPO, local_vlm_server
 from dr_train import cli
 from dr_train.catalog import load_catalog, select_relations
 from dr_train.config import load_config
@@ -244,17 +243,9 @@ class _Echo(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def echo_server(monkeypatch):
-    monkeypatch.setenv("DR_TRAIN_VLM_API_KEY", KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    httpd.daemon_threads, httpd.fail = True, False
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with local_vlm_server(monkeypatch, _Echo, KEY) as (httpd, base_url):
+        httpd.fail = False
+        yield httpd, base_url
 
 
 def _leaks(text: str) -> bool:

@@ -2,11 +2,12 @@
 import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
 
+from conftest import local_vlm_server
 from dr_train.catalog import load_catalog
 from dr_train.eval.vlm import (PAPER_TEMPLATE, SHORT_TEMPLATE, VLMClient, VLMError, catalog_phrase,
                                keyframe_indices, make_question, parse_answer, relation_accuracy, summarise)
@@ -50,20 +51,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    monkeypatch.setenv("DR_TRAIN_VLM_API_KEY", KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    httpd.state = {"script": [], "requests": [], "lock": threading.Lock(), "release": threading.Event()}
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    httpd.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield httpd
-    httpd.state["release"].set()
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with local_vlm_server(monkeypatch, _Handler, KEY) as (httpd, base_url):
+        httpd.state = {"script": [], "requests": [], "lock": threading.Lock(), "release": threading.Event()}
+        httpd.base_url = base_url
+        try:
+            yield httpd
+        finally:
+            httpd.state["release"].set()
     assert len(httpd.state["requests"]) <= MAX_REQUESTS
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fcntl
 import json
 import secrets
 import sys
@@ -32,6 +31,7 @@ from dr_train.orchestrate import plan as planning, records, results as res_mod, 
 from dr_train.orchestrate.options import RayOptions
 from dr_train.orchestrate.progress import Progress
 from dr_train.orchestrate.results import RelationResult
+from dr_train.run_lock import RunLock
 
 # options that may differ between submissions of one run without changing what a relation trains
 _PER_SUBMISSION = {"train.relations", "train.output_dir", "train.resume", "data.num_workers"}
@@ -76,29 +76,6 @@ def absolute_paths(cfg: Config) -> Config:
     if cfg.model.preset not in ("tiny", "synth") and Path(cfg.model.preset).expanduser().exists():
         cfg.model.preset = str(Path(cfg.model.preset).expanduser().resolve())
     return cfg
-
-
-class StorageLock:
-    """One submission at a time per storage folder (an flock on <storage>/.submit.lock)."""
-
-    def __init__(self, storage: Path):
-        self.path = storage / ".submit.lock"
-        self._file = None
-
-    def __enter__(self) -> "StorageLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise ValueError(f"another submission is running on {self.path.parent} (it holds {self.path}); wait "
-                             f"for it or choose another --storage") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
 
 
 def connect(opts: RayOptions) -> None:
@@ -227,7 +204,8 @@ def run_relations(cfg: Config, opts: RayOptions, out: TextIO | None = None) -> R
     names = [r.name for r in select_relations(cfg.train.relations, catalog_for(cfg))]
     storage = Path(opts.storage or cfg.train.output_dir).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
-    with StorageLock(storage):
+    with RunLock.acquire(storage / ".submit.lock", what=f"storage folder {storage} (one submission at a time: "
+                                                         f"or choose another --storage)"):
         connect(opts)
         import ray  # deferred: ray is an optional dependency
 
