@@ -57,6 +57,7 @@ def test_pretraining_runs_every_stage_and_exports_a_verified_mochi_folder(tmp_pa
                            timeout=600)
     assert first.returncode == 0 and "every stage is done" in first.stdout, first.stderr[-2000:]
     target = tmp_path / "base"
+    (tmp_path / "out" / "history.md").write_text("Its VAE was trained\nbefore a change to the world.\n")
     rest = subprocess.run([sys.executable, script, *args, "--export-to", str(target)], capture_output=True, text=True,
                           timeout=900)
     assert rest.returncode == 0, rest.stderr[-3000:]
@@ -81,6 +82,7 @@ def test_pretraining_runs_every_stage_and_exports_a_verified_mochi_folder(tmp_pa
     assert checks["subject_fidelity_generic"]["videos"] == 2
     card = (target / "README.md").read_text()
     assert "library_name: diffusers" in card and "launch/pretrain_base.py" in card
+    assert "**How its stages came about**: Its VAE was trained before a change to the world." in card
     (target / "vae" / "config.json").write_text((target / "vae" / "config.json").read_text() + " ")
     with pytest.raises(ValueError, match="vae/config.json does not match its sha256"):
         verify_folder(target)

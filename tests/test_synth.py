@@ -44,11 +44,11 @@ def test_synth_preset_is_a_mochi_pipeline():
     assert pipe.vae.config.latents_std != tuple([1.0] * 12)            # the trained latent statistics
 
 
-def test_base_draws_the_prompted_kinds_above_chance():
-    """A fixed set of generic two-kind prompts and seeds, judged by the kind classifier. The shipped base does not
-    yet reach the issue's 80 % of exact kind pairs (its model card: 17 % over 48 videos); this guards what it does
-    reach, well above chance: by chance a video shows at least one of the two prompted kinds 44 % of the time
-    (8 kinds) and the exact pair 3 %; this set gives 7 of 8 and 2 of 8."""
+def test_base_draws_the_prompted_kinds():
+    """A fixed set of generic two-kind prompts and seeds, judged by the kind classifier. The shipped base gets the
+    exact pair in 71 % of its model card's 48 videos (the issue asks 80 %); by chance a video shows at least one of
+    the two prompted kinds 44 % of the time (8 kinds) and the exact pair 3 %. This set gives 8 of 8 and 6 of 8; the
+    base before the fixed layout of generic clips gave 7 of 8 and 2 of 8."""
     from dr_train.model import load_mochi
     from dr_train.pretrain.checks import generic_prompts
     from dr_train.generate import SamplerSettings, sample_videos
@@ -64,7 +64,7 @@ def test_base_draws_the_prompted_kinds_above_chance():
     found = [kinds.classify(v) or [] for v in videos]
     one = [bool(set(f) & set(k)) for f, (_, k) in zip(found, prompts)]
     exact = [sorted(f) == sorted(k) for f, (_, k) in zip(found, prompts)]
-    assert sum(one) >= 6 and sum(exact) >= 1, list(zip(found, prompts))
+    assert sum(one) >= 7 and sum(exact) >= 5, list(zip(found, prompts))
 
 
 def test_whole_loop_at_its_smallest_on_the_shipped_base(tmp_path):

@@ -156,6 +156,20 @@ def test_corpus_is_uniform_over_generic_motions_and_kinds():
     assert (clip.motion, clip.kinds) == specs[17] and np.array_equal(clip.frames, corpus_clip(17).frames)
 
 
+def test_generic_clips_of_two_kinds_start_with_the_earlier_kind_on_the_left():
+    order, sides = list(KINDS), set()
+    for index in range(160):
+        clip = corpus_clip(index, frames=3, height=32, width=32)
+        body_x = [(clip.masks[0, s] > 0).nonzero()[1].mean() for s in range(2)]   # subject 1 is never occluded
+        if clip.kinds[0] == clip.kinds[1]:
+            sides.add(body_x[0] < body_x[1])
+            continue
+        earlier = 0 if order.index(clip.kinds[0]) < order.index(clip.kinds[1]) else 1
+        assert body_x[earlier] < body_x[1 - earlier], clip.video_id
+        assert clip.caption == caption(clip.motion, clip.kinds)          # captions keep either order
+    assert sides == {True, False}                                        # same-kind pairs: either side
+
+
 def test_generic_motions_never_bring_the_subjects_into_contact_and_cover_the_poses():
     lying, reaching = set(), set()
     for i in range(48):

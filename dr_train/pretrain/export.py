@@ -162,7 +162,7 @@ video = pipe("A robot and an owl are bouncing.", num_frames=25, height=64, width
    space stays the one the transformer learned), L1 weighted {1 + cfg.decoder.subject_weight:g}x within 2 px of the
    subjects.
 
-{_schedule_changes(cfg, out)}Reproduce: `python launch/pretrain_base.py --minutes 60`, repeated until it says every stage is done (then
+{_schedule_changes(cfg, out)}{_history(out)}Reproduce: `python launch/pretrain_base.py --minutes 60`, repeated until it says every stage is done (then
 `--stages export --export-to dr_train/model/synth_base`). The recipe (`configs/pretrain_synth.yaml`):
 
 ```yaml
@@ -197,6 +197,15 @@ def _schedule_changes(cfg: PretrainConfig, out: Path) -> str:
     return ("**This copy's history**: its run was extended (resumed with more `steps`, which moves the cosine "
             "schedule's horizon) at " + "; ".join(found) + ". The recipe below gives the final lengths; a straight "
             "run of it follows one schedule instead.\n\n")
+
+
+def _history(out: Path) -> str:
+    """`<out>/history.md`, when the run folder has one: how this copy's stages came about where that differs from a
+    straight run of the recipe (a stage made before a change to the world, say), quoted in the card."""
+    path = out / "history.md"
+    if not path.is_file():
+        return ""
+    return "**How its stages came about**: " + " ".join(path.read_text().split()) + "\n\n"
 
 
 def _kinds() -> list[str]:
