@@ -1,7 +1,8 @@
 """What the synth base must show (its acceptance), measured with the world's own judges:
 
 * reconstruction: the relation judge's accuracy on VAE reconstructions of relation clips (kinds the VAE never saw
-  perform a relation) against its accuracy on the original clips; the base needs >= 90 % of it;
+  perform a relation) against its accuracy on the original clips; the base needs >= 90 % of it; the same on the
+  `person` exemplars, what the trainer encodes, is the bound on every relation result a LoRA can get;
 * subject fidelity: for prompts naming two kinds, the share of generated videos in which the kind classifier
   finds two subjects of exactly the prompted kinds; the base needs >= 80 % (generic-motion prompts, the corpus's
   form, and the relations' evaluation prompts, whose relation words it never saw, are reported apart);
@@ -106,14 +107,8 @@ class BaseChecks:
                 "subject_fidelity": fidelity["rate"], "videos": videos, "items": items}
 
     @torch.no_grad()
-    def reconstruction(self, per_relation: int = 2) -> dict:
-        """Judge accuracy on relation clips of non-person kind pairs, originals vs VAE reconstructions."""
-        originals, labels, recons = [], [], []
-        for r in RELATIONS:
-            for i, kinds in enumerate(world.eval_kinds(r)[:per_relation]):
-                clip = world.render_world_clip(r, kinds, 1000 + i, FRAMES, HEIGHT, WIDTH, seed=CHECK_SEED)
-                originals.append(clip.frames)
-                labels.append(r)
+    def _judged_reconstructions(self, originals: list[np.ndarray], labels: list[str]) -> dict:
+        recons = []
         for i in range(0, len(originals), BATCH):
             x = torch.from_numpy(np.stack(originals[i:i + BATCH])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
             rec = self.vae.decode(self.vae.encode(x).latent_dist.mean).sample
@@ -125,3 +120,18 @@ class BaseChecks:
         return {"judge_original": original, "judge_reconstructed": reconstructed,
                 "kept": reconstructed / max(original, 1e-9), "psnr": 10 * np.log10(255.0 ** 2 / max(mse, 1e-10)),
                 "originals": np.stack(originals), "reconstructions": recons, "labels": labels}
+
+    def reconstruction(self, per_relation: int = 2) -> dict:
+        """Judge accuracy on relation clips of non-person kind pairs, originals vs VAE reconstructions; and the same
+        on `person` exemplars (`exemplars`: what the trainer encodes, so the bound on every relation result)."""
+        originals, labels, exemplars = [], [], []
+        for r in RELATIONS:
+            for i, kinds in enumerate(world.eval_kinds(r)[:per_relation]):
+                originals.append(world.render_world_clip(r, kinds, 1000 + i, FRAMES, HEIGHT, WIDTH,
+                                                         seed=CHECK_SEED).frames)
+                exemplars.append(world.exemplar_clip(r, 1000 + i, CHECK_SEED, FRAMES, HEIGHT, WIDTH).frames)
+                labels.append(r)
+        out = self._judged_reconstructions(originals, labels)
+        person = self._judged_reconstructions(exemplars, labels)
+        out["exemplars"] = {k: person[k] for k in ("judge_original", "judge_reconstructed", "kept", "psnr")}
+        return out

@@ -79,7 +79,8 @@ def export(cfg: PretrainConfig, out: Path, target: Path) -> Path:
               card / "reconstructions.png")
         _grid(rel["videos"][:6], card / "samples_relation_prompts.png")
         predicted = [p for p in rel["predicted"] if p is not None]
-        results["reconstruction"] = {k: rec[k] for k in ("judge_original", "judge_reconstructed", "kept", "psnr")}
+        results["reconstruction"] = {k: rec[k] for k in ("judge_original", "judge_reconstructed", "kept", "psnr",
+                                                         "exemplars")}
         results["relation_prompts"] = {
             "relation_accuracy": rel["accuracy"], "chance": rel["chance"], "subject_fidelity": rel["subject_fidelity"],
             "videos": len(rel["items"]), "predicted_counts": {r: predicted.count(r) for r in sorted(set(predicted))}}
@@ -98,6 +99,11 @@ def _checks_section(cfg: PretrainConfig, results: dict) -> str:
         rows.append(f"| relation judge on VAE reconstructions vs originals ({len(_rel())} x {cfg.sample.per_relation} "
                     f"relation clips of non-person kinds) | {r['judge_reconstructed']:.1%} vs {r['judge_original']:.1%} "
                     f"({r['kept']:.1%} kept; PSNR {r['psnr']:.1f} dB) | >= 90 % kept |")
+        e = r.get("exemplars")
+        if e:
+            rows.append(f"| the same on `person` exemplars (what the trainer encodes: the bound on a LoRA's relation "
+                        f"accuracy) | {e['judge_reconstructed']:.1%} vs {e['judge_original']:.1%} ({e['kept']:.1%} "
+                        f"kept; PSNR {e['psnr']:.1f} dB) | |")
     rows.append(f"| two subjects of the prompted kinds, generic prompts ({f['videos']} videos) | {f['rate']:.1%} (two "
                 f"subjects found in {f['two_subjects_found']:.0%}) | >= 80 % |")
     pictures = ["Samples for generic prompts:", "", "![samples](card/samples_generic.png)"]
