@@ -27,11 +27,11 @@ happens *between* the subjects); (2) the subjects keep apart: their bodies never
 another height) and an arm on the other subject's side is shortened per frame to stay in its own half of the space
 between the bodies, so there is never contact; (3) arms point away from the other subject as often as towards it.
 Between them they still cover the parameter space: extended arms at every height, crouching, hopping, lying down
-and getting up, for both subject slots and thus for every kind. A generic clip of two different kinds starts with the kind earlier in `KINDS` on
-the left (mirrored when needed; same-kind pairs keep the random side): a fixed layout per pair, so that the kinds
-named tell the model where each goes. With a random side, the best guess at high noise is the two kinds' colours
-blended on both sides, and a small base then draws the blend: a dog (60 degrees) and a bear (330 degrees) came
-out as two persons (15 degrees), the mean of their hues.
+and getting up, for both subject slots and thus for every kind. A generic clip of two different kinds starts with
+the kind earlier in `KINDS` on the left (mirrored when needed; same-kind pairs keep the random side): a fixed layout
+per pair, so that the kinds named tell the model where each goes. With a random side, the best guess at high noise
+is the two kinds' colours blended on both sides, and a small base then draws the blend: a dog (60 degrees) and a
+bear (330 degrees) came out as two persons (15 degrees), the mean of their hues.
 
 Captions: a relation's is the catalog's training prompt with the two `person`s replaced by the kinds ("A dog is
 shaking hands with an owl."); a generic motion's names both kinds and the motion ("A dog and a cat are
