@@ -27,6 +27,31 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_new_synth_transformer_knows_where_and_when_each_token_is():
+    """diffusers starts Mochi's RoPE rates at zero (no position at all); the synth transformer starts from
+    axial_rope_frequencies, one axis per rotation pair, so even untrained its prediction depends on frame order and
+    on left and right (the first base, pretrained from zeros, could not tell a motion from its reverse)."""
+    from dr_train.model.synth import axial_rope_frequencies, synth_transformer
+
+    freqs = axial_rope_frequencies(heads=2, head_dim=32)
+    assert freqs.shape == (3, 2, 16) and ((freqs != 0).sum(dim=0) == 1).all()
+    assert [int((freqs[a, 0] != 0).sum()) for a in range(3)] == [6, 5, 5]
+    model = synth_transformer(3, 32, heads=2, head_dim=32, layers=2).eval()
+    assert torch.equal(model.pos_frequencies.detach(), freqs)
+    g = torch.Generator().manual_seed(0)
+    z, text = torch.randn(2, 12, 5, 8, 8, generator=g), torch.randn(2, 24, 32, generator=g)
+    kwargs = dict(encoder_hidden_states=text, timestep=torch.tensor([500.0, 200.0]),
+                  encoder_attention_mask=torch.ones(2, 24, dtype=torch.bool), return_dict=False)
+    with torch.no_grad():
+        pred = model(hidden_states=z, **kwargs)[0]
+        for dim in (2, 4):                                         # time, width
+            flipped = model(hidden_states=z.flip(dim), **kwargs)[0].flip(dim)
+            assert float((pred - flipped).pow(2).mean() / pred.pow(2).mean()) > 1e-3, dim
+        model.pos_frequencies.zero_()
+        flipped = model(hidden_states=z.flip(2), **kwargs)[0].flip(2)
+    assert torch.allclose(pred.new_zeros(()), (model(hidden_states=z, **kwargs)[0] - flipped).abs().max(), atol=1e-5)
+
+
 def test_vae_stage_resumed_from_a_checkpoint_equals_a_straight_run(tmp_path):
     from dr_train.pretrain.vae import VAEStage
 

@@ -69,15 +69,39 @@ def synth_vae(seed: int, encoder_channels=(32, 32, 64, 64), decoder_channels=(32
         )
 
 
+def axial_rope_frequencies(heads: int, head_dim: int) -> torch.Tensor:
+    """Starting values of Mochi's learned 3D RoPE frequencies `pos_frequencies` (3, heads, head_dim // 2): each
+    rotation pair turns with one axis (time, height, width in turn), at geometrically spaced rates from one that
+    tells neighbouring tokens apart (a radian per latent frame; half a turn per token at 4 tokens across, where
+    tokens lie 48 apart) down to one that turns about a quarter turn over the 5 latent frames, or over the frame.
+
+    diffusers initialises them to zero, which is right only when loading Mochi-1's trained values. A synth
+    transformer pretrained from zero learned rates of 0.01-0.03, and frames lie one unit apart in Mochi's positions
+    (height and width span +-96 whatever the grid): reversing its input frames changed its prediction by 0.1 %, so
+    it could not tell a motion from the same motion played backwards, nor learn a relation (docs/synth.md)."""
+    pairs = head_dim // 2
+    freqs = torch.zeros(3, heads, pairs)
+    space = (torch.pi / 48, torch.pi / 288)
+    for axis, (fast, slow) in enumerate(((1.0, torch.pi / 8), space, space)):
+        idx = list(range(axis, pairs, 3))
+        rates = torch.logspace(torch.log10(torch.tensor(fast)), torch.log10(torch.tensor(slow)), len(idx))
+        freqs[axis][:, idx] = rates
+    return freqs
+
+
 def synth_transformer(seed: int, text_dim: int, heads: int = 6, head_dim: int = 32, layers: int = 6,
                       context_dim: int = 96, time_embed_dim: int = 128, patch_size: int = 2) -> MochiTransformer3DModel:
+    """Mochi's transformer at the given size, seeded, with `axial_rope_frequencies` as its RoPE's starting rates."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MochiTransformer3DModel(
+        model = MochiTransformer3DModel(
             patch_size=patch_size, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
             pooled_projection_dim=context_dim, in_channels=12, text_embed_dim=text_dim,
             time_embed_dim=time_embed_dim, activation_fn="swiglu", max_sequence_length=TEXT_TOKENS,
         )
+    with torch.no_grad():
+        model.pos_frequencies.copy_(axial_rope_frequencies(heads, head_dim))
+    return model
 
 
 def _files(folder: Path) -> list[Path]:

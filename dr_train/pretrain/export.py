@@ -160,7 +160,9 @@ video = pipe("A robot and an owl are bouncing.", num_frames=25, height=64, width
 2. **Text**: a T5 encoder ({cfg.text.layers} layers, width {cfg.text.d_model}) frozen at its seeded initialisation,
    and a T5 tokenizer whose whole-word pieces are the world's words (relation words included, never trained on).
 3. **Transformer** (`MochiTransformer3DModel`, {cfg.transformer.layers} blocks, {cfg.transformer.heads} heads x
-   {cfg.transformer.head_dim}): {steps["transformer"]} steps, batch {cfg.transformer.batch_size}, on
+   {cfg.transformer.head_dim}; its learned RoPE rates start axially, `axial_rope_frequencies`, not at
+   diffusers' zeros, with which it could not tell frame order): {steps["transformer"]} steps, batch
+   {cfg.transformer.batch_size}, on
    {cfg.world.corpus_clips} encoded corpus clips, with dr-train's own rectified-flow objective (z_s = (1-s) z0 +
    s eps, s ~ U(0,1), timestep (1-s) 1000, target z0 - eps), caption dropout {cfg.transformer.caption_dropout};
    AdamW {cfg.transformer.lr:g}, EMA {cfg.transformer.ema} (the weights here, stored in bf16).
