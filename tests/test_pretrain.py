@@ -48,8 +48,9 @@ def test_a_new_synth_transformer_knows_where_and_when_each_token_is():
             flipped = model(hidden_states=z.flip(dim), **kwargs)[0].flip(dim)
             assert float((pred - flipped).pow(2).mean() / pred.pow(2).mean()) > 1e-3, dim
         model.pos_frequencies.zero_()
+        pred = model(hidden_states=z, **kwargs)[0]
         flipped = model(hidden_states=z.flip(2), **kwargs)[0].flip(2)
-    assert torch.allclose(pred.new_zeros(()), (model(hidden_states=z, **kwargs)[0] - flipped).abs().max(), atol=1e-5)
+    assert float((pred - flipped).abs().max()) < 1e-5                 # zero rates: blind to frame order
 
 
 def test_vae_stage_resumed_from_a_checkpoint_equals_a_straight_run(tmp_path):

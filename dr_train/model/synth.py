@@ -10,6 +10,7 @@ still read the world after an mp4 round trip (docs/metrics_relation.md), with th
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def axial_rope_frequencies(heads: int, head_dim: int) -> torch.Tensor:
     space = (torch.pi / 48, torch.pi / 288)
     for axis, (fast, slow) in enumerate(((1.0, torch.pi / 8), space, space)):
         idx = list(range(axis, pairs, 3))
-        rates = torch.logspace(torch.log10(torch.tensor(fast)), torch.log10(torch.tensor(slow)), len(idx))
+        rates = torch.logspace(math.log10(fast), math.log10(slow), len(idx))
         freqs[axis][:, idx] = rates
     return freqs
 
