@@ -27,9 +27,12 @@ def test_every_variant_is_a_valid_config_with_the_papers_semantics(tmp_path):
     assert cfg["direct"].lora.placement == "direct" and cfg["direct"].train.max_steps == 1000   # its config file
     assert variant_config("relation_kv", ["a"], tmp_path).lora.placement == "relation_kv"
     assert select_variants("table3") == ["full", "relation_v", "relation_q", "relation_kv"]
-    assert select_variants("w_o_rcl,full") == ["full", "w_o_rcl"] and len(GROUPS["all"]) == 11
+    assert select_variants("w_o_rcl,full") == ["full", "w_o_rcl"] and len(GROUPS["all"]) == 12
     assert select_variants("hmt") == ["full", "hmt_forward_all"]
     assert variant_config("hmt_forward_all", ["a"], tmp_path).hmt.forward == "all"
+    assert select_variants("export") == ["full", "export_all"]
+    kept = variant_config("export_all", ["a"], tmp_path)
+    assert kept.lora.export_adapters == ["relation", "subject1", "subject2", "ffn"] and kept.hmt.enabled
     with pytest.raises(ValueError, match="unknown ablation variant 'w_o_x'"):
         select_variants("full,w_o_x")
 

@@ -113,6 +113,20 @@ def test_pretraining_runs_every_stage_and_exports_a_verified_mochi_folder(tmp_pa
     with pytest.raises(ValueError, match="vae/config.json does not match its sha256"):
         verify_folder(target)
 
+    # a finished transformer extended by 2 steps, its cosine still ending at step 3: the new steps run at 10 %
+    curve = tmp_path / "out" / "transformer" / "metrics.jsonl"
+    before = curve.read_text().splitlines()
+    (tmp_path / "out" / "transformer" / "DONE.json").unlink()
+    more = subprocess.run([sys.executable, script, *args, "--stages", "transformer", "--set", "transformer.steps=5",
+                           "--set", "transformer.decay_steps=3"], capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-2000:]
+    rows = [json.loads(line) for line in curve.read_text().splitlines()]
+    assert curve.read_text().splitlines()[:3] == before and [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    peak = load_pretrain_config(None, MICRO).transformer.lr
+    assert rows[2]["lr"] > 0.1 * peak and rows[3]["lr"] == rows[4]["lr"] == pytest.approx(0.1 * peak)
+    with pytest.raises(ValueError, match="transformer.decay_steps must be between 0 and transformer.steps"):
+        load_pretrain_config(None, MICRO + ["transformer.decay_steps=4"])
+
 
 class _Counter:
     """A stage whose state is one number, that receives SIGTERM in its `kill_at`-th step (as a scheduler's

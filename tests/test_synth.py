@@ -124,6 +124,10 @@ def test_reconstruction_check_judges_the_person_exemplars_beside_the_other_kinds
     assert len(rec["labels"]) == 26 and person["judge_original"] > 0.9 and rec["judge_original"] > 0.8
     assert 0.0 <= person["judge_reconstructed"] <= person["judge_original"] and person["psnr"] > 15
     assert person["kept"] == person["judge_reconstructed"] / person["judge_original"]
+    per = person["per_relation"]                # [originals right, reconstructions right, clips] per relation
+    assert len(per) == 26 and all(n == 1 and 0 <= rec_ok <= 1 for _, rec_ok, n in per.values())
+    assert sum(ok for ok, _, _ in per.values()) / 26 == person["judge_original"]
+    assert sum(ok for _, ok, _ in per.values()) / 26 == person["judge_reconstructed"]
 
 
 def test_base_tells_a_motion_from_the_same_motion_played_backwards():

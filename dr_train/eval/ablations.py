@@ -92,11 +92,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "direct_lora.yaml", (), ("0.3258±0.05", "0.2966", "0.9945", "2229.08")),
     Variant("hmt_forward_all", ("hmt",), "every adapter in every step's forward pass (hmt.forward: all)", "Q, K",
             "V", None, ("hmt.forward=all",), ("—", "—", "—", "—")),
+    Variant("export_all", ("export",), "full, every adapter kept at inference (relation, subjects, FFN)", "Q, K",
+            "V", None, ("lora.export_adapters=[relation,subject1,subject2,ffn]",), ("—", "—", "—", "—")),
 )}
 GROUPS = {"all": list(VARIANTS), "table1": ["full", "direct"],
           "table2": [n for n, v in VARIANTS.items() if "2" in v.tables],
           "table3": [n for n, v in VARIANTS.items() if "3" in v.tables],
-          "hmt": ["full", "hmt_forward_all"]}
+          "hmt": ["full", "hmt_forward_all"], "export": ["full", "export_all"]}
 PAPER_BASE = ("Mochi (base model)", "0.2623±0.04", "0.3237", "0.9888", "2047.37")
 OURS = (("vlm_relation_accuracy", "RelAcc (VLM)"), ("judge_accuracy", "Judge acc."), ("clip_t", "CLIP-T"),
         ("temporal_consistency", "TempCons"), ("fvd", "FVD"))
@@ -287,7 +289,8 @@ def write_table(out: Path, records: dict[str, dict], base: dict | None = None) -
     sections = [("Table 2: components", "2", ["variant", "label"]),
                 ("Table 3: where the relation LoRA goes", "3", ["variant", "relation_lora", "subject_lora"]),
                 ("Baselines (Table 1)", "1", ["variant", "label"]),
-                ("Which adapters run in a step (hmt.forward)", "hmt", ["variant", "label"])]
+                ("Which adapters run in a step (hmt.forward)", "hmt", ["variant", "label"]),
+                ("Which adapters the inference LoRA keeps (lora.export_adapters)", "export", ["variant", "label"])]
     for title, table, keys in sections:
         chosen = [r for r in rows if table in r["paper_tables"].split(",")]
         if not chosen:

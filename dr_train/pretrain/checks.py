@@ -114,16 +114,21 @@ class BaseChecks:
             rec = self.vae.decode(self.vae.encode(x).latent_dist.mean).sample
             recons.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy())
         recons = np.concatenate(recons)
-        acc = lambda videos: float(np.mean([self.judge.classify(v)[0] == l for v, l in zip(videos, labels)]))  # noqa
-        original, reconstructed = acc(originals), acc(recons)
+        right = lambda videos: np.array([self.judge.classify(v)[0] == l for v, l in zip(videos, labels)])  # noqa
+        original, reconstructed = right(originals), right(recons)
         mse = float(np.mean((np.stack(originals).astype(np.float64) - recons.astype(np.float64)) ** 2))
-        return {"judge_original": original, "judge_reconstructed": reconstructed,
-                "kept": reconstructed / max(original, 1e-9), "psnr": 10 * np.log10(255.0 ** 2 / max(mse, 1e-10)),
+        label_N = np.array(labels)
+        per_relation = {r: [int(original[label_N == r].sum()), int(reconstructed[label_N == r].sum()),
+                            int((label_N == r).sum())] for r in dict.fromkeys(labels)}
+        return {"judge_original": float(original.mean()), "judge_reconstructed": float(reconstructed.mean()),
+                "kept": float(reconstructed.mean() / max(original.mean(), 1e-9)),
+                "psnr": 10 * np.log10(255.0 ** 2 / max(mse, 1e-10)), "per_relation": per_relation,
                 "originals": np.stack(originals), "reconstructions": recons, "labels": labels}
 
     def reconstruction(self, per_relation: int = 2) -> dict:
         """Judge accuracy on relation clips of non-person kind pairs, originals vs VAE reconstructions; and the same
-        on `person` exemplars (`exemplars`: what the trainer encodes, so the bound on every relation result)."""
+        on `person` exemplars (`exemplars`: what the trainer encodes, so the bound on every relation result).
+        `per_relation`: {relation: [originals judged right, reconstructions judged right, clips]}."""
         originals, labels, exemplars = [], [], []
         for r in RELATIONS:
             for i, kinds in enumerate(world.eval_kinds(r)[:per_relation]):
@@ -133,5 +138,6 @@ class BaseChecks:
                 labels.append(r)
         out = self._judged_reconstructions(originals, labels)
         person = self._judged_reconstructions(exemplars, labels)
-        out["exemplars"] = {k: person[k] for k in ("judge_original", "judge_reconstructed", "kept", "psnr")}
+        out["exemplars"] = {k: person[k] for k in ("judge_original", "judge_reconstructed", "kept", "psnr",
+                                                   "per_relation")}
         return out

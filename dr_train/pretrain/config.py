@@ -70,6 +70,8 @@ class TransformerSection:
     batch_size: int = opt(32, "clips per step")
     lr: float = opt(4e-4, "peak AdamW learning rate (warmup, then cosine to 10 %)")
     warmup_steps: int = opt(300, "linear warmup steps")
+    decay_steps: int = opt(0, "step where the cosine reaches 10 %, the rate kept after it (0: `steps`); lets a "
+                              "finished run be extended as a straight run of the new length would train")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     ema: float = opt(0.999, "decay of the weights' exponential moving average (the exported weights)")
     caption_dropout: float = opt(0.1, "probability of the empty prompt (what classifier-free guidance contrasts)")
@@ -124,6 +126,9 @@ def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | 
                         ("sample.fidelity_videos", cfg.sample.fidelity_videos)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 <= t.decay_steps <= t.steps:
+        raise ValueError(f"transformer.decay_steps must be between 0 and transformer.steps ({t.steps}), got "
+                         f"{t.decay_steps}")
     if not 0 <= t.caption_dropout <= 1 or not 0 <= t.ema < 1:
         raise ValueError(f"transformer.caption_dropout must be in [0, 1] and transformer.ema in [0, 1), got "
                          f"{t.caption_dropout}, {t.ema}")

@@ -80,7 +80,7 @@ def export(cfg: PretrainConfig, out: Path, target: Path) -> Path:
         _grid(rel["videos"][:6], card / "samples_relation_prompts.png")
         predicted = [p for p in rel["predicted"] if p is not None]
         results["reconstruction"] = {k: rec[k] for k in ("judge_original", "judge_reconstructed", "kept", "psnr",
-                                                         "exemplars")}
+                                                         "per_relation", "exemplars")}
         results["relation_prompts"] = {
             "relation_accuracy": rel["accuracy"], "chance": rel["chance"], "subject_fidelity": rel["subject_fidelity"],
             "videos": len(rel["items"]), "predicted_counts": {r: predicted.count(r) for r in sorted(set(predicted))}}
@@ -104,6 +104,10 @@ def _checks_section(cfg: PretrainConfig, results: dict) -> str:
             rows.append(f"| the same on `person` exemplars (what the trainer encodes: the bound on a LoRA's relation "
                         f"accuracy) | {e['judge_reconstructed']:.1%} vs {e['judge_original']:.1%} ({e['kept']:.1%} "
                         f"kept; PSNR {e['psnr']:.1f} dB) | |")
+            kept = [rel_ for rel_, (_, ok, n) in e.get("per_relation", {}).items() if ok == n]
+            if kept:
+                rows.append(f"| relations whose `person` exemplars are all judged right after reconstruction "
+                            f"({len(kept)} of {len(e['per_relation'])}) | {', '.join(kept)} | |")
     rows.append(f"| two subjects of the prompted kinds, generic prompts ({f['videos']} videos) | {f['rate']:.1%} (two "
                 f"subjects found in {f['two_subjects_found']:.0%}) | >= 80 % |")
     pictures = ["Samples for generic prompts:", "", "![samples](card/samples_generic.png)"]

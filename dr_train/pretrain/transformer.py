@@ -64,7 +64,7 @@ class TransformerStage:
 
     def train_step(self, step: int) -> dict:
         t = self.cfg.transformer
-        lr = lr_at(step, t.lr, t.warmup_steps, t.steps)
+        lr = lr_at(step, t.lr, t.warmup_steps, t.decay_steps or t.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         idx = torch.from_numpy(self.indices(step))
