@@ -118,8 +118,10 @@ class BaseChecks:
         original, reconstructed = right(originals), right(recons)
         mse = float(np.mean((np.stack(originals).astype(np.float64) - recons.astype(np.float64)) ** 2))
         label_N = np.array(labels)
-        per_relation = {r: [int(original[label_N == r].sum()), int(reconstructed[label_N == r].sum()),
-                            int((label_N == r).sum())] for r in dict.fromkeys(labels)}
+        per_relation = {}
+        for r in dict.fromkeys(labels):
+            mine = label_N == r
+            per_relation[r] = [int(original[mine].sum()), int(reconstructed[mine].sum()), int(mine.sum())]
         return {"judge_original": float(original.mean()), "judge_reconstructed": float(reconstructed.mean()),
                 "kept": float(reconstructed.mean() / max(original.mean(), 1e-9)),
                 "psnr": 10 * np.log10(255.0 ** 2 / max(mse, 1e-10)), "per_relation": per_relation,
