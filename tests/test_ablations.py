@@ -101,3 +101,37 @@ def test_cli_parses_training_and_sampler_steps_apart():
                                              "--gen-steps", "3", "--variants", "table2"])
     assert args.train_steps == 6 and args.steps == 3 and args.variants == "table2"
     assert module.main(["--relations", "handshaking", "--out", "x", "--variants", "nope"]) == 2
+
+
+def _judged_run(folder, kind, rows, seed=None, relations=("a", "b")):
+    """A finished run's record as the runner keeps it: eval/metrics.json beside eval/videos.jsonl."""
+    (folder / "eval").mkdir(parents=True)
+    (folder / "eval" / "metrics.json").write_text("{}")
+    lines = [json.dumps({"kind": kind, "relation": rel, "relation_accuracy": acc, "subject_fidelity": 1.0,
+                         "appearance_leakage": 0.0, "temporal_consistency": 0.9}) for rel, acc in rows]
+    lines.append(json.dumps({"kind": "base" if kind == "lora" else "lora", "relation": "a", "relation_accuracy": 1.0,
+                             "subject_fidelity": 1.0}))                     # the other kind: never counted
+    (folder / "eval" / "videos.jsonl").write_text("\n".join(lines) + "\n")
+    return {"metrics": str(folder / "eval" / "metrics.json"), "seed": seed, "settings": {"relations": list(relations)}}
+
+
+def test_world_results_and_per_relation_counts_come_from_the_same_videos(tmp_path):
+    from dr_train.eval.ablations import write_results
+
+    runs = {"full": [_judged_run(tmp_path / "full" / f"seed-{s}", "lora",
+                                 [("a", 1.0), ("a", 0.0), ("b", 0.0), ("b", None)], seed=s) for s in (0, 1)],
+            "direct": [_judged_run(tmp_path / "direct", "lora", [("a", 1.0), ("b", 1.0), ("b", 1.0)], seed=0)]}
+    base = _judged_run(tmp_path / "base", "base", [("a", 0.0), ("b", 1.0)])
+    assert write_results(tmp_path, runs, base) == tmp_path / "results.json"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["base", "full", "direct"]
+    assert results["full"]["relation_accuracy"]["mean"] == pytest.approx(2 / 6)     # the None is not scored
+    assert set(results["direct"]) == {"relation_accuracy", "subject_fidelity", "appearance_leakage",
+                                      "temporal_consistency"}
+    assert set(results["direct"]["relation_accuracy"]) >= {"mean", "ci_low", "ci_high"}
+    counts = json.loads((tmp_path / "per_relation.json").read_text())
+    assert counts == {"base": {"a": [0, 1], "b": [1, 1]}, "full": {"a": [2, 4], "b": [0, 2]},
+                      "direct": {"a": [1, 1], "b": [2, 2]}}
+    md = (tmp_path / "per_relation.md").read_text()
+    assert "| variant | a | b |" in md and "| full | 2/4 | 0/2 |" in md and "| base | 0/1 | 1/1 |" in md
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "results.png").is_file()

@@ -13,7 +13,8 @@ Where the runs were trained on the synth world, `<out>/results.json` holds {vari
 ci_high, n}}} for the world metrics (`dr_train.eval.world_scores.METRICS`; the base model as variant `base`),
 pooled over relations, training seeds, prompts and sampling seeds, with 95 % bootstrap intervals that resample
 whole training runs (relation x seed; the base model: relations); `<out>/results.md` puts them beside the paper's
-relation accuracy and `<out>/results.png` plots them.
+relation accuracy and `<out>/results.png` plots them; `<out>/per_relation.md` / `.json` count the videos judged right per
+relation, from the same per-video rows.
 """
 from __future__ import annotations
 
@@ -312,30 +313,70 @@ def _videos(record: dict) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def world_results(runs: dict[str, list[dict]], base: dict | None) -> dict[str, dict]:
-    """{variant: {metric: {mean, ci_low, ci_high, n}}} over every run of each variant (LoRA videos), clusters =
-    training runs (relation x seed); the base model's videos clustered by relation. Empty without world metrics."""
+def _judged_videos(runs: dict[str, list[dict]], base: dict | None) -> dict[str, list[dict]]:
+    """{variant: its judged videos (world metrics present)}, each tagged with its bootstrap cluster: a training
+    run (relation x seed) for a LoRA variant, a relation for the base model (variant `base`)."""
     out = {}
     if base is not None:
-        videos = [v for v in _videos(base) if v["kind"] == "base" and "subject_fidelity" in v]
+        videos = [v | {"cluster": v["relation"]} for v in _videos(base)
+                  if v["kind"] == "base" and "subject_fidelity" in v]
         if videos:
-            out["base"] = summarise([v | {"cluster": v["relation"]} for v in videos], "cluster")
+            out["base"] = videos
     for name, records in runs.items():
         videos = [v | {"cluster": f"{v['relation']}/seed-{r.get('seed')}"} for r in records for v in _videos(r)
                   if v["kind"] == "lora" and "subject_fidelity" in v]
         if videos:
-            out[name] = summarise(videos, "cluster")
+            out[name] = videos
     return out
 
 
+def world_results(runs: dict[str, list[dict]], base: dict | None) -> dict[str, dict]:
+    """{variant: {metric: {mean, ci_low, ci_high, n}}} over every run of each variant (LoRA videos), clusters =
+    training runs (relation x seed); the base model's videos clustered by relation. Empty without world metrics."""
+    return {name: summarise(videos, "cluster") for name, videos in _judged_videos(runs, base).items()}
+
+
+def per_relation_counts(runs: dict[str, list[dict]], base: dict | None) -> dict[str, dict[str, list[int]]]:
+    """{variant: {relation: [videos judged the trained relation, videos judged]}} from the same per-video rows
+    as `world_results` (videos the judge could not score are left out of both counts)."""
+    out = {}
+    for name, videos in _judged_videos(runs, base).items():
+        counts: dict[str, list[int]] = {}
+        for v in videos:
+            if v.get("relation_accuracy") is None:
+                continue
+            c = counts.setdefault(v["relation"], [0, 0])
+            c[0] += int(v["relation_accuracy"] == 1.0)
+            c[1] += 1
+        out[name] = dict(sorted(counts.items()))
+    return out
+
+
+def write_per_relation(out: Path, counts: dict[str, dict[str, list[int]]]) -> Path:
+    """per_relation.json ({variant: {relation: [right, videos]}}) and per_relation.md (one row per variant)."""
+    _write_record(out / "per_relation.json", counts)
+    relations = sorted({r for c in counts.values() for r in c})
+    lines = ["# Videos judged the trained relation, per relation", "",
+             "Each cell: videos the relation judge reads as the trained relation / videos judged (evaluation "
+             "prompts x sampling seeds x training seeds; the base model: prompts x sampling seeds).", "",
+             "| variant | " + " | ".join(relations) + " |", "|" + "---|" * (len(relations) + 1)]
+    for name, c in counts.items():
+        cells = [f"{c[r][0]}/{c[r][1]}" if r in c else "—" for r in relations]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    path = out / "per_relation.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
 def write_results(out: Path, runs: dict[str, list[dict]], base: dict | None) -> Path | None:
-    """results.json, results.md (beside the paper's relation accuracy) and results.png, when the runs were judged
-    on the synth world; None otherwise."""
+    """results.json, results.md (beside the paper's relation accuracy), results.png and the per-relation counts
+    (per_relation.json / .md), when the runs were judged on the synth world; None otherwise."""
     results = world_results(runs, base)
     if not results:
         return None
     path = out / "results.json"
     _write_record(path, results)
+    write_per_relation(out, per_relation_counts(runs, base))
     seeds = sorted({str(r.get("seed")) for rs in runs.values() for r in rs})
     relations = sorted({rel for rs in runs.values() for r in rs for rel in r["settings"]["relations"]})
     paper = {name: v.paper[0] for name, v in VARIANTS.items()} | {"base": PAPER_BASE[1]}
