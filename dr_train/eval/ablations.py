@@ -13,8 +13,8 @@ Where the runs were trained on the synth world, `<out>/results.json` holds {vari
 ci_high, n}}} for the world metrics (`dr_train.eval.world_scores.METRICS`; the base model as variant `base`),
 pooled over relations, training seeds, prompts and sampling seeds, with 95 % bootstrap intervals that resample
 whole training runs (relation x seed; the base model: relations); `<out>/results.md` puts them beside the paper's
-relation accuracy and `<out>/results.png` plots them; `<out>/per_relation.md` / `.json` count the videos judged right per
-relation, from the same per-video rows.
+relation accuracy and `<out>/results.png` plots them; `<out>/per_relation.md` / `.json` count the videos judged
+right per relation, from the same per-video rows.
 """
 from __future__ import annotations
 
