@@ -330,17 +330,17 @@ def _judged_videos(runs: dict[str, list[dict]], base: dict | None) -> dict[str, 
     return out
 
 
-def world_results(runs: dict[str, list[dict]], base: dict | None) -> dict[str, dict]:
-    """{variant: {metric: {mean, ci_low, ci_high, n}}} over every run of each variant (LoRA videos), clusters =
-    training runs (relation x seed); the base model's videos clustered by relation. Empty without world metrics."""
-    return {name: summarise(videos, "cluster") for name, videos in _judged_videos(runs, base).items()}
+def world_results(judged: dict[str, list[dict]]) -> dict[str, dict]:
+    """{variant: {metric: {mean, ci_low, ci_high, n}}} over the judged videos of each variant (`_judged_videos`),
+    resampling their clusters. Empty without world metrics."""
+    return {name: summarise(videos, "cluster") for name, videos in judged.items()}
 
 
-def per_relation_counts(runs: dict[str, list[dict]], base: dict | None) -> dict[str, dict[str, list[int]]]:
-    """{variant: {relation: [videos judged the trained relation, videos judged]}} from the same per-video rows
-    as `world_results` (videos the judge could not score are left out of both counts)."""
+def per_relation_counts(judged: dict[str, list[dict]]) -> dict[str, dict[str, list[int]]]:
+    """{variant: {relation: [videos judged the trained relation, videos judged]}} over the same judged videos as
+    `world_results` (videos the judge could not score are left out of both counts)."""
     out = {}
-    for name, videos in _judged_videos(runs, base).items():
+    for name, videos in judged.items():
         counts: dict[str, list[int]] = {}
         for v in videos:
             if v.get("relation_accuracy") is None:
@@ -371,12 +371,13 @@ def write_per_relation(out: Path, counts: dict[str, dict[str, list[int]]]) -> Pa
 def write_results(out: Path, runs: dict[str, list[dict]], base: dict | None) -> Path | None:
     """results.json, results.md (beside the paper's relation accuracy), results.png and the per-relation counts
     (per_relation.json / .md), when the runs were judged on the synth world; None otherwise."""
-    results = world_results(runs, base)
+    judged = _judged_videos(runs, base)         # every run's videos.jsonl, read once
+    results = world_results(judged)
     if not results:
         return None
     path = out / "results.json"
     _write_record(path, results)
-    write_per_relation(out, per_relation_counts(runs, base))
+    write_per_relation(out, per_relation_counts(judged))
     seeds = sorted({str(r.get("seed")) for rs in runs.values() for r in rs})
     relations = sorted({rel for rs in runs.values() for r in rs for rel in r["settings"]["relations"]})
     paper = {name: v.paper[0] for name, v in VARIANTS.items()} | {"base": PAPER_BASE[1]}
