@@ -105,6 +105,24 @@ class Dist:
             raise RuntimeError(f"ranks disagree on {what}: {values}")
 
 
+def pick_device(name: str, option: str) -> torch.device:
+    """The device a single-process job runs on: 'auto' (the current CUDA device when there is one, else the CPU),
+    'cpu', 'cuda' or 'cuda:N'; ValueError naming `option` for anything else or for CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{option} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} is {name!r} but this machine has no CUDA device (use auto or cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{option} is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,3 +31,21 @@ def test_unknown_option_is_refused_with_a_message():
     proc = subprocess.run(["bash", "perf/gpu_check.sh", "--bogus"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "unknown option '--bogus'" in proc.stderr
+
+
+def test_dry_run_of_the_pretrain_step_exports_a_base_and_keeps_its_curves(tmp_path):
+    """`--only pretrain` (not in the default steps): the synth recipe through launch/pretrain_base.py at toy sizes
+    on the CPU, its curves and checks copied into the results, the base's weights split out for $OUT."""
+    out, back = tmp_path / "results", tmp_path / "back"
+    back.mkdir()
+    env = {**os.environ, "OUT": str(back), "PRETRAIN_RUN": str(tmp_path / "run")}
+    proc = subprocess.run(["bash", "perf/gpu_check.sh", "--dry-run", "--only", "pretrain", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(line for line in (out / "summary.txt").read_text().splitlines() if line.startswith("pretrain"))
+    assert line.split()[1] == "ok", line + "\n" + (out / "pretrain.log").read_text()[-3000:]
+    assert json.loads((out / "pretrain" / "checks.json").read_text())["subject_fidelity_generic"]["videos"] == 2
+    for stage in ("vae", "transformer", "decoder"):
+        assert (out / "pretrain" / f"{stage}_metrics.jsonl").stat().st_size > 0, stage
+    assert sorted(p.name for p in back.iterdir()) == ["base.tar.gz", "base_transformer.safetensors",
+                                                      "base_vae.safetensors", "results.tar.gz", "summary.txt"]

@@ -167,3 +167,58 @@ def test_sigterm_writes_a_checkpoint_and_the_stage_resumes_where_it_stopped(tmp_
     assert float(stage.value) == sum(range(10))                      # nothing redone, nothing skipped
     steps = [json.loads(l)["step"] for l in (tmp_path / "counter" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))
+
+
+def test_render_workers_give_the_batches_the_training_process_renders(tmp_path):
+    """run.workers renders ahead in spawned processes: the same clips, windows and masks, also after a jump (a
+    resumed stage), and the stages train to the same weights and corpus with and without them."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from dr_train.pretrain import corpus
+    from dr_train.pretrain.prefetch import Prefetcher
+    from dr_train.pretrain.vae import VAEStage, render_windows
+
+    args = lambda step: (0, 100 + 2 * step, 2, 7, step)  # noqa: E731
+    ahead = Prefetcher(render_windows, args, workers=2, steps=6)
+    try:
+        for step in (0, 1, 2, 5, 3):
+            got, want = ahead.get(step), render_windows(*args(step))
+            assert all(np.array_equal(g, w) for g, w in zip(got, want)), step
+        assert all(s < 6 for s in ahead.pending)                       # nothing rendered past the last step
+    finally:
+        ahead.close()
+    with pytest.raises(ValueError, match="run.workers must be >= 0"):
+        load_pretrain_config(None, MICRO + ["run.workers=-1"])
+
+    stages = {}
+    for workers in (0, 1):
+        cfg = _cfg(tmp_path / str(workers), f"run.workers={workers}")
+        stage = stages[workers] = VAEStage(cfg)
+        try:
+            assert run_stage(stage, tmp_path / str(workers) / "vae", checkpoint_minutes=1000)
+        finally:
+            stage.close()
+        stage.save(tmp_path / str(workers) / "out" / "vae" / "final")
+        assert corpus.build(cfg, tmp_path / str(workers) / "out", None)
+    assert _same(stages[0].model.state_dict(), stages[1].model.state_dict())
+    block = "corpus/block-00000.safetensors"
+    assert _same(load_file(tmp_path / "0" / "out" / block), load_file(tmp_path / "1" / "out" / block))
+
+
+def test_run_device_is_checked_before_any_work(tmp_path):
+    from dr_train.distributed import pick_device
+
+    assert pick_device("cpu", "run.device") == torch.device("cpu")
+    assert pick_device("auto", "run.device").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="run.device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        pick_device("tpu", "run.device")
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(ValueError, match="run.device is 'cuda:1' but this machine has no CUDA device"):
+        pick_device("cuda:1", "run.device")
+    args = [arg for item in MICRO for arg in ("--set", item)] + ["--set", f"run.out={tmp_path / 'out'}"]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain_base.py"), *args, "--set",
+                           "run.device=cuda"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "error: run.device is 'cuda' but this machine has no CUDA device" in proc.stderr
+    assert not (tmp_path / "out").exists()                              # nothing started

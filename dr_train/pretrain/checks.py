@@ -60,11 +60,13 @@ class BaseChecks:
     """The pipeline pieces of a base under construction (VAE with its statistics, tokenizer and T5 from the corpus
     stage) and the judges."""
 
-    def __init__(self, cfg: PretrainConfig, out: Path, vae=None, text_encoder=None, tokenizer=None):
+    def __init__(self, cfg: PretrainConfig, out: Path, vae=None, text_encoder=None, tokenizer=None,
+                 device: torch.device | None = None):
         corpus = Path(out) / "corpus"
-        self.cfg = cfg
-        self.vae = vae or AutoencoderKLMochi.from_pretrained(final_vae(out)).eval()
-        self.text_encoder = text_encoder or T5EncoderModel.from_pretrained(corpus / "text_encoder").eval()
+        self.cfg, self.device = cfg, device or torch.device("cpu")
+        self.vae = (vae or AutoencoderKLMochi.from_pretrained(final_vae(out))).to(self.device).eval()
+        self.text_encoder = (text_encoder or T5EncoderModel.from_pretrained(corpus / "text_encoder")).to(self.device)
+        self.text_encoder.eval()
         self.tokenizer = tokenizer or T5TokenizerFast.from_pretrained(corpus / "tokenizer")
         self.settings = SamplerSettings(steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
                                         num_frames=FRAMES, height=HEIGHT, width=WIDTH, fps=30).check()
@@ -73,7 +75,7 @@ class BaseChecks:
 
     def pipeline(self, transformer):
         pipe = MochiPipeline(scheduler=mochi_scheduler(), vae=self.vae, text_encoder=self.text_encoder,
-                             tokenizer=self.tokenizer, transformer=transformer)
+                             tokenizer=self.tokenizer, transformer=transformer.to(self.device))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -111,8 +113,8 @@ class BaseChecks:
         recons = []
         for i in range(0, len(originals), BATCH):
             x = torch.from_numpy(np.stack(originals[i:i + BATCH])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-            rec = self.vae.decode(self.vae.encode(x).latent_dist.mean).sample
-            recons.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy())
+            rec = self.vae.decode(self.vae.encode(x.to(self.device)).latent_dist.mean).sample
+            recons.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy())
         recons = np.concatenate(recons)
         right = lambda videos: np.array([self.judge.classify(v)[0] == l for v, l in zip(videos, labels)])  # noqa
         original, reconstructed = right(originals), right(recons)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dr_train.distributed import pick_device
 from dr_train.pretrain import STAGES, corpus, export, transformer, vae
 from dr_train.pretrain.config import load_pretrain_config
 from dr_train.pretrain.loop import run_stage
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(cfg, stages: list[str], minutes: float | None, export_to: Path | None = None) -> bool:
     """Run `stages` in order; True when all of them are done, False when the time ran out first."""
     out = Path(cfg.run.out)
+    device = pick_device(cfg.run.device, "run.device")
+    log.info("pretraining on %s with %d render worker(s)", device, cfg.run.workers)
     deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
 
     def left() -> float | None:
@@ -43,27 +46,24 @@ def run(cfg, stages: list[str], minutes: float | None, export_to: Path | None = 
     for name in stages:
         if left() is not None and left() <= 0:
             return False
-        if name == "vae":
-            stage = vae.VAEStage(cfg)
-            if not run_stage(stage, out / "vae", left(), cfg.run.checkpoint_minutes, ("loss", "psnr_heldout")):
-                return False
-            if not (out / "vae" / "final" / "config.json").is_file():
-                stage.save(out / "vae" / "final")
+        if name in ("vae", "decoder"):
+            stage = vae.VAEStage(cfg, device) if name == "vae" else vae.DecoderStage(cfg, out, device)
+            try:
+                if not run_stage(stage, out / name, left(), cfg.run.checkpoint_minutes, ("loss", "psnr_heldout")):
+                    return False
+            finally:
+                stage.close()
+            if not (out / name / "final" / "config.json").is_file():
+                stage.save(out / name / "final")
         elif name == "corpus":
-            if not corpus.build(cfg, out, left()):
+            if not corpus.build(cfg, out, left(), device):
                 return False
         elif name == "transformer":
-            if not run_stage(transformer.TransformerStage(cfg, out), out / "transformer", left(),
+            if not run_stage(transformer.TransformerStage(cfg, out, device), out / "transformer", left(),
                              cfg.run.checkpoint_minutes, ("loss", "subject_fidelity")):
                 return False
-        elif name == "decoder":
-            stage = vae.DecoderStage(cfg, out)
-            if not run_stage(stage, out / "decoder", left(), cfg.run.checkpoint_minutes, ("loss", "psnr_heldout")):
-                return False
-            if not (out / "decoder" / "final" / "config.json").is_file():
-                stage.save(out / "decoder" / "final")
         elif name == "export":
-            export.export(cfg, out, export_to or out / "synth_base")
+            export.export(cfg, out, export_to or out / "synth_base", device)
     return True
 
 
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.run.threads)
     try:
         done = run(cfg, stages, args.minutes, Path(args.export_to) if args.export_to else None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         print(f"interrupted ({e or 'SIGINT'}) after a checkpoint: run the same command again to continue",
               file=sys.stderr)

@@ -96,6 +96,10 @@ class RunSection:
     out: str = opt(".cache/pretrain_synth", "working folder: one sub-folder per stage, checkpoints inside")
     checkpoint_minutes: float = opt(10.0, "write a checkpoint at least this often (and when a chunk ends)")
     threads: int = opt(0, "torch CPU threads (0 = torch's default)")
+    device: str = opt("auto", "where the models train and sample: auto (CUDA when present, else the CPU), cpu, cuda "
+                              "or cuda:N; random draws stay on the CPU, so a GPU run draws the same numbers")
+    workers: int = opt(0, "processes rendering the world's clips ahead of the training step (0: the training "
+                          "process renders them; on a GPU, where a step is faster than its renders, use the cores)")
 
 
 @dataclass
@@ -126,6 +130,8 @@ def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | 
                         ("sample.fidelity_videos", cfg.sample.fidelity_videos)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if cfg.run.workers < 0:
+        raise ValueError(f"run.workers must be >= 0, got {cfg.run.workers}")
     if not 0 <= t.decay_steps <= t.steps:
         raise ValueError(f"transformer.decay_steps must be between 0 and transformer.steps ({t.steps}), got "
                          f"{t.decay_steps}")

@@ -7,7 +7,8 @@
    embeddings of every corpus caption and of the empty prompt (caption dropout / CFG).
 3. The corpus: clips 0 .. corpus_clips-1 encoded in blocks of BLOCK (posterior mean and log-variance in the
    normalised space, float16, and each clip's caption index). A block is written atomically; finished blocks are
-   kept on a re-run, so the stage resumes block by block.
+   kept on a re-run, so the stage resumes block by block. `run.workers` renders the next clips in worker processes
+   while the VAE encodes (`prefetch.Prefetcher`); the VAE and T5 run on `run.device`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from dr_train.data.encode import ClipEncoder
 from dr_train.io import atomic_path
 from dr_train.model.synth import FRAMES, HEIGHT, TEXT_TOKENS, WIDTH, synth_text_encoder, synth_tokenizer
 from dr_train.pretrain.config import PretrainConfig
+from dr_train.pretrain.prefetch import Prefetcher
 
 BLOCK = 256
 ENCODE_BATCH = 16
@@ -45,19 +47,24 @@ def text_side(cfg: PretrainConfig):
     return tokenizer, encoder
 
 
-def _encoder(vae, cfg: PretrainConfig) -> ClipEncoder:
+def _encoder(vae, cfg: PretrainConfig, device: torch.device) -> ClipEncoder:
     tokenizer, text_encoder = text_side(cfg)
-    return ClipEncoder(vae, text_encoder, tokenizer, TEXT_TOKENS, "synth (pretraining)", "cpu")
+    return ClipEncoder(vae, text_encoder, tokenizer, TEXT_TOKENS, "synth (pretraining)", device)
+
+
+def render_corpus(first: int, count: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Corpus clips first .. first+count-1: uint8 frames (B, F, H, W, 3) and captions."""
+    clips = [world.corpus_clip(i, seed, FRAMES, HEIGHT, WIDTH) for i in range(first, first + count)]
+    return np.stack([c.frames for c in clips]), [c.caption for c in clips]
 
 
 @torch.no_grad()
-def latent_statistics(vae, cfg: PretrainConfig) -> tuple[list[float], list[float]]:
+def latent_statistics(vae, cfg: PretrainConfig, device: torch.device | None = None) -> tuple[list[float], list[float]]:
     means = []
     for start in range(0, cfg.vae.stats_clips, ENCODE_BATCH):
-        idx = range(start, min(start + ENCODE_BATCH, cfg.vae.stats_clips))
-        x = np.stack([world.corpus_clip(i, cfg.world.seed).frames for i in idx])
+        x, _ = render_corpus(start, min(ENCODE_BATCH, cfg.vae.stats_clips - start), cfg.world.seed)
         x = torch.from_numpy(x).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-        means.append(vae.encode(x).latent_dist.mean.double())
+        means.append(vae.encode(x.to(device or "cpu")).latent_dist.mean.double().cpu())
     m = torch.cat(means).transpose(0, 1).reshape(12, -1)
     return m.mean(dim=1).tolist(), m.std(dim=1).tolist()
 
@@ -67,20 +74,21 @@ def _save_atomic(tensors: dict, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
-def build(cfg: PretrainConfig, out: Path, minutes: float | None) -> bool:
+def build(cfg: PretrainConfig, out: Path, minutes: float | None, device: torch.device | None = None) -> bool:
     """Run (or continue) the stage; True when the corpus is complete."""
+    device = device or torch.device("cpu")
     folder = out / "corpus"
     if (folder / "DONE.json").is_file():
         return True
     deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "vae" / "config.json").is_file():
-        vae = AutoencoderKLMochi.from_pretrained(out / "vae" / "final").eval()
-        mean, std = latent_statistics(vae, cfg)
+        vae = AutoencoderKLMochi.from_pretrained(out / "vae" / "final").to(device).eval()
+        mean, std = latent_statistics(vae, cfg, device)
         vae.register_to_config(latents_mean=tuple(mean), latents_std=tuple(std))
         vae.save_pretrained(folder / "vae", safe_serialization=True)
     vae = AutoencoderKLMochi.from_pretrained(folder / "vae").eval()
-    encoder = _encoder(vae, cfg)
+    encoder = _encoder(vae, cfg, device)
     if not (folder / "text.safetensors").is_file():
         encoder.tokenizer.save_pretrained(folder / "tokenizer")
         encoder.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
@@ -93,6 +101,9 @@ def build(cfg: PretrainConfig, out: Path, minutes: float | None) -> bool:
     lookup = {c: i for i, c in enumerate(captions)}
     blocks = range(0, cfg.world.corpus_clips, BLOCK)
     bar = tqdm(total=cfg.world.corpus_clips, desc="corpus", unit="clip", dynamic_ncols=True)
+    n = cfg.world.corpus_clips
+    renders = Prefetcher(render_corpus, lambda k: (k * ENCODE_BATCH, min(ENCODE_BATCH, n - k * ENCODE_BATCH),
+                                                   cfg.world.seed), cfg.run.workers, steps=-(-n // ENCODE_BATCH))
     try:
         for start in blocks:
             path = folder / f"block-{start // BLOCK:05d}.safetensors"
@@ -104,18 +115,18 @@ def build(cfg: PretrainConfig, out: Path, minutes: float | None) -> bool:
                 return False
             means, logvars, caption_idx = [], [], []
             for b in range(start, start + count, ENCODE_BATCH):
-                clips = [world.corpus_clip(i, cfg.world.seed, FRAMES, HEIGHT, WIDTH)
-                         for i in range(b, min(b + ENCODE_BATCH, start + count))]
-                mean, logvar = encoder.encode_videos(np.stack([c.frames for c in clips]))
+                frames, clip_captions = renders.get(b // ENCODE_BATCH)
+                mean, logvar = encoder.encode_videos(frames)
                 means.append(mean)
                 logvars.append(logvar)
-                caption_idx += [lookup[c.caption] for c in clips]
-                bar.update(len(clips))
+                caption_idx += [lookup[c] for c in clip_captions]
+                bar.update(len(frames))
             _save_atomic({"mean": torch.from_numpy(np.concatenate(means)).half(),
                           "logvar": torch.from_numpy(np.concatenate(logvars)).half(),
                           "caption": torch.tensor(caption_idx, dtype=torch.int32)}, path)
     finally:
         bar.close()
+        renders.close()
     (folder / "DONE.json").write_text(json.dumps({"clips": cfg.world.corpus_clips, "captions": len(captions)}))
     return True
 

@@ -55,10 +55,11 @@ def assemble(cfg: PretrainConfig, out: Path, target: Path) -> Path:
     return target
 
 
-def export(cfg: PretrainConfig, out: Path, target: Path) -> Path:
+def export(cfg: PretrainConfig, out: Path, target: Path, device: torch.device | None = None) -> Path:
     target = assemble(cfg, Path(out), Path(target))
     comps = load_mochi(str(target), dtype="fp32", attention_backend="sdpa")
-    checks = BaseChecks(cfg, out, vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer)
+    checks = BaseChecks(cfg, out, vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                        device=device)
     card = target / "card"
     card.mkdir()
     fid = checks.subject_fidelity(comps.transformer, count=cfg.sample.fidelity_videos)

@@ -4,8 +4,9 @@ The objective and conventions are the trainer's (dr_train.method.flow_matching_l
 its posterior, z_s = (1 - s) z0 + s eps with s ~ U(0, 1), the model gets timestep (1 - s) * 1000 and regresses the
 velocity z0 - eps (plain MSE, no masks); with probability `caption_dropout` the caption is the empty prompt, the
 conditioning classifier-free guidance contrasts against. The batch order is a seeded permutation per epoch of the
-corpus, derived from the step number; the noise comes from a generator saved in every checkpoint. An exponential
-moving average of the weights is what the base ships.
+corpus, derived from the step number; the noise comes from a generator saved in every checkpoint, drawn on the CPU
+whatever `run.device` is (the encoded corpus stays there too; each step's batch moves to the device). An
+exponential moving average of the weights is what the base ships.
 """
 from __future__ import annotations
 
@@ -36,12 +37,13 @@ class TransformerStage:
     name = "transformer"
     files = ("model", "ema", "optimizer", "rng")
 
-    def __init__(self, cfg: PretrainConfig, out: Path):
+    def __init__(self, cfg: PretrainConfig, out: Path, device: torch.device | None = None):
         self.cfg, self.out, t = cfg, Path(out), cfg.transformer
+        self.device = device or torch.device("cpu")
         self.data = load_corpus(self.out)
         self.count = int(self.data["mean"].shape[0])
         self.null = len(self.data["embeds"]) - 1                  # the empty prompt's row
-        self.model = build_transformer(cfg).train()
+        self.model = build_transformer(cfg).to(self.device).train()      # seeded on the CPU, then moved
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.names = {p: n for n, p in self.model.named_parameters()}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(0.9, 0.99),
@@ -75,9 +77,10 @@ class TransformerStage:
         caption = self.data["caption"][idx]
         drop = torch.rand(len(idx), generator=self.noise) < t.caption_dropout
         caption = torch.where(drop, torch.full_like(caption, self.null), caption)
-        z_sigma, target, timestep = noisy_latents(z0, noise, sigma)
-        pred = self.model(hidden_states=z_sigma, encoder_hidden_states=self.data["embeds"][caption].float(),
-                          timestep=timestep, encoder_attention_mask=self.data["masks"][caption],
+        z_sigma, target, timestep = (v.to(self.device) for v in noisy_latents(z0, noise, sigma))
+        pred = self.model(hidden_states=z_sigma,
+                          encoder_hidden_states=self.data["embeds"][caption].float().to(self.device),
+                          timestep=timestep, encoder_attention_mask=self.data["masks"][caption].to(self.device),
                           return_dict=False)[0]
         loss = (pred.float() - target).pow(2).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -96,7 +99,7 @@ class TransformerStage:
             return None
 
         if self._checker is None:
-            self._checker = BaseChecks(self.cfg, self.out)
+            self._checker = BaseChecks(self.cfg, self.out, device=self.device)
         return {"subject_fidelity": self._checker.subject_fidelity(self.ema, count=t.sample_videos)["rate"]}
 
     def state(self):

@@ -7,7 +7,9 @@ x KL(posterior || N(0, 1)) with a sampled latent. The decoder stage starts from 
 (latent statistics included), freezes its encoder, so the latent space the transformer learned stays valid, and
 minimises an L1 weighted 1 + subject_weight on the pixels within 2 px of a subject (the renderer's exact masks):
 the judges read the subjects, and a small decoder otherwise spends itself on the large, smooth background. Clips,
-windows and latent noise follow from the step number and the seed, so a resumed stage continues exactly.
+windows and latent noise follow from the step number and the seed, so a resumed stage continues exactly, and the
+noise is drawn on the CPU whatever `run.device` is, so a GPU run sees the same clips, windows and draws.
+`run.workers` renders the next steps' clips in worker processes (`prefetch.Prefetcher`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dr_train.data import world
 from dr_train.model.synth import FRAMES, HEIGHT, WIDTH, synth_vae
 from dr_train.pretrain.config import PretrainConfig
 from dr_train.pretrain.loop import load_optimizer_tensors, lr_at, module_tensors, optimizer_tensors
+from dr_train.pretrain.prefetch import Prefetcher
 
 CHECK_EVERY = 200
 CHECK_CLIPS = 4
@@ -32,7 +35,7 @@ def to_pixels(frames_BFHWC: np.ndarray) -> torch.Tensor:
 
 
 def to_uint8(x_BCFHW: torch.Tensor) -> np.ndarray:
-    return ((x_BCFHW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    return ((x_BCFHW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
 def render_windows(seed: int, first: int, count: int, frames: int, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,21 +59,31 @@ class VAEStage:
     name = "vae"
     files = ("model", "optimizer", "rng")
 
-    def __init__(self, cfg: PretrainConfig):
+    def __init__(self, cfg: PretrainConfig, device: torch.device | None = None):
         self.cfg, v = cfg, cfg.vae
-        self.model = synth_vae(cfg.world.seed + 1, v.encoder_channels, v.decoder_channels).train()
+        self.device = device or torch.device("cpu")
+        model = synth_vae(cfg.world.seed + 1, v.encoder_channels, v.decoder_channels)    # seeded on the CPU
+        self.model = model.to(self.device).train()
         self.names = {p: n for n, p in self.model.named_parameters()}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=v.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.noise = torch.Generator().manual_seed(cfg.world.seed + 11)
         self.total_steps = v.steps
         first = cfg.world.corpus_clips + v.steps * v.batch_size      # held-out clips for the checks
         self.check_clips = np.stack([world.corpus_clip(first + i, cfg.world.seed).frames for i in range(CHECK_CLIPS)])
+        self.renders = Prefetcher(render_windows, self.render_args, cfg.run.workers, steps=v.steps)
+
+    def render_args(self, step: int) -> tuple:
+        """`render_windows`' arguments for the clips of `step`."""
+        v = self.cfg.vae
+        return self.cfg.world.seed, self.cfg.world.corpus_clips + step * v.batch_size, v.batch_size, v.clip_frames, step
 
     def batch(self, step: int) -> torch.Tensor:
-        v = self.cfg.vae
-        frames, _ = render_windows(self.cfg.world.seed, self.cfg.world.corpus_clips + step * v.batch_size,
-                                   v.batch_size, v.clip_frames, step)
-        return to_pixels(frames)
+        frames, _ = self.renders.get(step)
+        return to_pixels(frames).to(self.device)
+
+    def close(self) -> None:
+        """Stop the render workers."""
+        self.renders.close()
 
     def train_step(self, step: int) -> dict:
         v = self.cfg.vae
@@ -81,7 +94,7 @@ class VAEStage:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=v.bf16):
             posterior = self.model.encode(x).latent_dist
             mean, logvar = posterior.mean.float(), posterior.logvar.float()
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=self.noise)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=self.noise).to(self.device)
             rec = self.model.decode(z).sample.float()
         l1 = (rec - x).abs().mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -98,8 +111,8 @@ class VAEStage:
         was = self.model.training
         self.model.eval()
         try:
-            out = [to_uint8(self.model.decode(self.model.encode(to_pixels(f[None])).latent_dist.mean).sample)[0]
-                   for f in frames_BFHWC]
+            out = [to_uint8(self.model.decode(self.model.encode(to_pixels(f[None]).to(self.device)).latent_dist.mean)
+                            .sample)[0] for f in frames_BFHWC]
         finally:
             self.model.train(was)
         return np.stack(out)
@@ -129,9 +142,10 @@ class DecoderStage(VAEStage):
     """The decoder of the corpus stage's VAE, fine-tuned with its encoder frozen (see the module docstring)."""
     name = "decoder"
 
-    def __init__(self, cfg: PretrainConfig, out: Path):
+    def __init__(self, cfg: PretrainConfig, out: Path, device: torch.device | None = None):
         self.cfg, d = cfg, cfg.decoder
-        self.model = AutoencoderKLMochi.from_pretrained(Path(out) / "corpus" / "vae").train()
+        self.device = device or torch.device("cpu")
+        self.model = AutoencoderKLMochi.from_pretrained(Path(out) / "corpus" / "vae").to(self.device).train()
         self.model.encoder.requires_grad_(False).eval()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.names = {p: n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -141,23 +155,27 @@ class DecoderStage(VAEStage):
         first = cfg.world.corpus_clips + cfg.vae.steps * cfg.vae.batch_size
         self.check_clips = np.stack([world.corpus_clip(first + i, cfg.world.seed).frames for i in range(CHECK_CLIPS)])
         self.first = first + CHECK_CLIPS                  # then this stage's own clips
+        self.renders = Prefetcher(render_windows, self.render_args, cfg.run.workers, steps=d.steps)
+
+    def render_args(self, step: int) -> tuple:
+        d = self.cfg.decoder
+        return self.cfg.world.seed, self.first + step * d.batch_size, d.batch_size, d.clip_frames, step
 
     def train_step(self, step: int) -> dict:
         d = self.cfg.decoder
         lr = lr_at(step, d.lr, d.warmup_steps, d.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        frames, masks = render_windows(self.cfg.world.seed, self.first + step * d.batch_size, d.batch_size,
-                                       d.clip_frames, step)
-        x = to_pixels(frames)
-        near = torch.from_numpy(masks.max(axis=2)).float()[:, None]                  # (B, 1, F, H, W)
+        frames, masks = self.renders.get(step)
+        x = to_pixels(frames).to(self.device)
+        near = torch.from_numpy(masks.max(axis=2)).float()[:, None].to(self.device)  # (B, 1, F, H, W)
         near = torch.nn.functional.max_pool3d(near, (1, 5, 5), stride=1, padding=(0, 2, 2))
         weight = 1.0 + d.subject_weight * near
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.vae.bf16):
             with torch.no_grad():
                 posterior = self.model.encode(x).latent_dist
                 mean, logvar = posterior.mean.float(), posterior.logvar.float()
-                z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=self.noise)
+                z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=self.noise).to(self.device)
             rec = self.model.decode(z).sample.float()
         l1 = (rec - x).abs()
         loss = (weight * l1).sum() / weight.expand_as(l1).sum()
