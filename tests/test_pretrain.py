@@ -91,7 +91,8 @@ def test_pretraining_runs_every_stage_and_exports_a_verified_mochi_folder(tmp_pa
     verify_folder(target)
     for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "README.md", "checks.json"):
         assert (target / part).exists(), part
-    assert json.loads((tmp_path / "out" / "decoder" / "DONE.json").read_text())["steps"] == 2
+    assert json.loads((tmp_path / "out" / "decoder" / "DONE.json").read_text()) == {"stage": "decoder", "steps": 2,
+                                                                                    "device": "cpu"}
     from diffusers import AutoencoderKLMochi
     shipped, encoded = AutoencoderKLMochi.from_pretrained(target / "vae"), \
         AutoencoderKLMochi.from_pretrained(tmp_path / "out" / "corpus" / "vae")
@@ -107,7 +108,8 @@ def test_pretraining_runs_every_stage_and_exports_a_verified_mochi_folder(tmp_pa
     checks = json.loads((target / "checks.json").read_text())
     assert checks["subject_fidelity_generic"]["videos"] == 2
     card = (target / "README.md").read_text()
-    assert "library_name: diffusers" in card and "launch/pretrain_base.py" in card
+    assert "library_name: diffusers" in card and "on a CPU by `launch/pretrain_base.py`" in card
+    assert "draws 25 x 64 x 64 videos" in card
     assert "**How its stages came about**: Its VAE was trained before a change to the world." in card
     (target / "vae" / "config.json").write_text((target / "vae" / "config.json").read_text() + " ")
     with pytest.raises(ValueError, match="vae/config.json does not match its sha256"):
@@ -222,3 +224,20 @@ def test_run_device_is_checked_before_any_work(tmp_path):
                            "run.device=cuda"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error: run.device is 'cuda' but this machine has no CUDA device" in proc.stderr
     assert not (tmp_path / "out").exists()                              # nothing started
+
+
+def test_world_size_sets_the_clips_every_stage_and_check_draws(tmp_path):
+    from dr_train.pretrain import corpus
+    from dr_train.pretrain.checks import BaseChecks
+    from dr_train.pretrain.vae import VAEStage
+
+    cfg = _cfg(tmp_path, "world.size=80")
+    stage = VAEStage(cfg)
+    assert tuple(stage.batch(0).shape) == (1, 3, 7, 80, 80) and stage.check_clips.shape[2:4] == (80, 80)
+    frames, captions = corpus.render_corpus(0, 2, 0, 80)
+    assert frames.shape == (2, 25, 80, 80, 3) and len(captions) == 2
+    checks = BaseChecks(cfg, tmp_path, vae=stage.model, text_encoder=torch.nn.Identity(), tokenizer=object())
+    assert (checks.settings.height, checks.settings.width) == (80, 80)
+    for bad in (72, 48, 144):
+        with pytest.raises(ValueError, match=f"world.size must be a multiple of 16 from 64 to 128, got {bad}"):
+            load_pretrain_config(None, MICRO + [f"world.size={bad}"])

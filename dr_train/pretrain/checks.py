@@ -24,7 +24,7 @@ from dr_train.eval.judge import RelationJudge
 from dr_train.eval.kinds import KindClassifier
 from dr_train.generate import SamplerSettings, sample_videos
 from dr_train.model.presets import mochi_scheduler
-from dr_train.model.synth import FRAMES, HEIGHT, TEXT_TOKENS, WIDTH
+from dr_train.model.synth import FRAMES, TEXT_TOKENS
 from dr_train.pretrain.config import PretrainConfig
 
 CHECK_SEED = 4242                      # renders and sampling seeds of the checks; the corpus uses world.seed
@@ -69,7 +69,8 @@ class BaseChecks:
         self.text_encoder.eval()
         self.tokenizer = tokenizer or T5TokenizerFast.from_pretrained(corpus / "tokenizer")
         self.settings = SamplerSettings(steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
-                                        num_frames=FRAMES, height=HEIGHT, width=WIDTH, fps=30).check()
+                                        num_frames=FRAMES, height=cfg.world.size, width=cfg.world.size,
+                                        fps=30).check()
         self.kinds = KindClassifier()
         self.judge = RelationJudge()
 
@@ -136,9 +137,10 @@ class BaseChecks:
         originals, labels, exemplars = [], [], []
         for r in RELATIONS:
             for i, kinds in enumerate(world.eval_kinds(r)[:per_relation]):
-                originals.append(world.render_world_clip(r, kinds, 1000 + i, FRAMES, HEIGHT, WIDTH,
+                size = self.cfg.world.size
+                originals.append(world.render_world_clip(r, kinds, 1000 + i, FRAMES, size, size,
                                                          seed=CHECK_SEED).frames)
-                exemplars.append(world.exemplar_clip(r, 1000 + i, CHECK_SEED, FRAMES, HEIGHT, WIDTH).frames)
+                exemplars.append(world.exemplar_clip(r, 1000 + i, CHECK_SEED, FRAMES, size, size).frames)
                 labels.append(r)
         out = self._judged_reconstructions(originals, labels)
         person = self._judged_reconstructions(exemplars, labels)

@@ -15,6 +15,9 @@ class WorldSection:
     """The synth-world clips (dr_train/data/world.py)."""
     seed: int = opt(0, "seed of the corpus, of every weight initialisation and of every random stream")
     corpus_clips: int = opt(6144, "clips of the generic corpus the transformer learns from (encoded once)")
+    size: int = opt(64, "clip height and width in pixels, a multiple of 16 from 64 to 128 (the VAE's 8x, the "
+                        "transformer's patch 2); the trainer's `synth` preset draws 64 px clips, so a base of another "
+                        "size is for the recipe's own checks until the trainer reads the size from the base")
 
 
 @dataclass
@@ -130,6 +133,8 @@ def load_pretrain_config(path: str | Path | None = None, overrides: list[str] | 
                         ("sample.fidelity_videos", cfg.sample.fidelity_videos)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if cfg.world.size % 16 or not 64 <= cfg.world.size <= 128:
+        raise ValueError(f"world.size must be a multiple of 16 from 64 to 128, got {cfg.world.size}")
     if cfg.run.workers < 0:
         raise ValueError(f"run.workers must be >= 0, got {cfg.run.workers}")
     if not 0 <= t.decay_steps <= t.steps:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from dr_train.data import world
 from dr_train.data.encode import ClipEncoder
 from dr_train.io import atomic_path
-from dr_train.model.synth import FRAMES, HEIGHT, TEXT_TOKENS, WIDTH, synth_text_encoder, synth_tokenizer
+from dr_train.model.synth import FRAMES, HEIGHT, TEXT_TOKENS, synth_text_encoder, synth_tokenizer
 from dr_train.pretrain.config import PretrainConfig
 from dr_train.pretrain.prefetch import Prefetcher
 
@@ -52,9 +52,9 @@ def _encoder(vae, cfg: PretrainConfig, device: torch.device) -> ClipEncoder:
     return ClipEncoder(vae, text_encoder, tokenizer, TEXT_TOKENS, "synth (pretraining)", device)
 
 
-def render_corpus(first: int, count: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    """Corpus clips first .. first+count-1: uint8 frames (B, F, H, W, 3) and captions."""
-    clips = [world.corpus_clip(i, seed, FRAMES, HEIGHT, WIDTH) for i in range(first, first + count)]
+def render_corpus(first: int, count: int, seed: int, size: int = HEIGHT) -> tuple[np.ndarray, list[str]]:
+    """Corpus clips first .. first+count-1 at `size` x `size`: uint8 frames (B, F, H, W, 3) and captions."""
+    clips = [world.corpus_clip(i, seed, FRAMES, size, size) for i in range(first, first + count)]
     return np.stack([c.frames for c in clips]), [c.caption for c in clips]
 
 
@@ -62,7 +62,7 @@ def render_corpus(first: int, count: int, seed: int) -> tuple[np.ndarray, list[s
 def latent_statistics(vae, cfg: PretrainConfig, device: torch.device | None = None) -> tuple[list[float], list[float]]:
     means = []
     for start in range(0, cfg.vae.stats_clips, ENCODE_BATCH):
-        x, _ = render_corpus(start, min(ENCODE_BATCH, cfg.vae.stats_clips - start), cfg.world.seed)
+        x, _ = render_corpus(start, min(ENCODE_BATCH, cfg.vae.stats_clips - start), cfg.world.seed, cfg.world.size)
         x = torch.from_numpy(x).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
         means.append(vae.encode(x.to(device or "cpu")).latent_dist.mean.double().cpu())
     m = torch.cat(means).transpose(0, 1).reshape(12, -1)
@@ -103,7 +103,8 @@ def build(cfg: PretrainConfig, out: Path, minutes: float | None, device: torch.d
     bar = tqdm(total=cfg.world.corpus_clips, desc="corpus", unit="clip", dynamic_ncols=True)
     n = cfg.world.corpus_clips
     renders = Prefetcher(render_corpus, lambda k: (k * ENCODE_BATCH, min(ENCODE_BATCH, n - k * ENCODE_BATCH),
-                                                   cfg.world.seed), cfg.run.workers, steps=-(-n // ENCODE_BATCH))
+                                                   cfg.world.seed, cfg.world.size),
+                         cfg.run.workers, steps=-(-n // ENCODE_BATCH))
     try:
         for start in blocks:
             path = folder / f"block-{start // BLOCK:05d}.safetensors"

@@ -136,8 +136,12 @@ def write_card(cfg: PretrainConfig, out: Path, target: Path, results: dict) -> P
         files = list((target / part).glob("*.safetensors"))
         params[part] = (cfg_json.get("_class_name", cfg_json.get("architectures", [part])[0]),
                         sum(f.stat().st_size for f in files) / 1e6)
-    steps = {s: json.loads((out / s / "DONE.json").read_text())["steps"] for s in ("vae", "transformer", "decoder")
-             if (out / s / "DONE.json").is_file()}
+    done = {s: json.loads((out / s / "DONE.json").read_text()) for s in ("vae", "transformer", "decoder")
+            if (out / s / "DONE.json").is_file()}
+    steps = {s: d["steps"] for s, d in done.items()}
+    # stages finished before DONE.json named its device ran on the CPU
+    devices = sorted({"a CUDA GPU" if d.get("device", "cpu").startswith("cuda") else "a CPU" for d in done.values()})
+    made_on, size = " and ".join(devices) or "a CPU", cfg.world.size
     text = f"""---
 library_name: diffusers
 pipeline_tag: text-to-video
@@ -146,7 +150,7 @@ tags: [mochi, synthetic, dreamrelation, dr-train]
 # synth: a small Mochi-architecture base pretrained on the synth world
 
 A `MochiPipeline` stack ({", ".join(f"{k} {c} {mb:.1f} MB" for k, (c, mb) in params.items())}) pretrained from
-seed {cfg.world.seed} on a 2-core CPU by `launch/pretrain_base.py` (dr-train). It draws 25 x 64 x 64 videos of two
+seed {cfg.world.seed} on {made_on} by `launch/pretrain_base.py` (dr-train). It draws 25 x {size} x {size} videos of two
 subjects of the world's kinds ({", ".join(_kinds())}) doing generic motions, from captions like "A dog and a cat are
 drifting around.". It has never seen a relation: the 26 relations and their words are kept out of its corpus, so a
 relation LoRA trained on `person` exemplars is what teaches it one. It is dr-train's `model.preset: synth`.
@@ -154,7 +158,7 @@ relation LoRA trained on `person` exemplars is what teaches it one. It is dr-tra
 ```python
 from diffusers import MochiPipeline
 pipe = MochiPipeline.from_pretrained("dr_train/model/synth_base")
-video = pipe("A robot and an owl are bouncing.", num_frames=25, height=64, width=64, num_inference_steps=32,
+video = pipe("A robot and an owl are bouncing.", num_frames=25, height={size}, width={size}, num_inference_steps=32,
              guidance_scale=5.0, max_sequence_length=24).frames[0]
 ```
 

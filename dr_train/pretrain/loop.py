@@ -152,7 +152,8 @@ def run_stage(stage: Stage, folder: Path, minutes: float | None = None, checkpoi
         bar.close()
         plot_curves(metrics_path, folder / "loss_curve.png", curve_keys, stage.name)
     if step >= stage.total_steps:
-        done_path.write_text(json.dumps({"stage": stage.name, "steps": step}))
+        done_path.write_text(json.dumps({"stage": stage.name, "steps": step,
+                                         "device": str(getattr(stage, "device", "cpu"))}))
         return True
     return False
 

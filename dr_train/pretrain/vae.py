@@ -20,7 +20,7 @@ import torch
 from diffusers import AutoencoderKLMochi
 
 from dr_train.data import world
-from dr_train.model.synth import FRAMES, HEIGHT, WIDTH, synth_vae
+from dr_train.model.synth import FRAMES, HEIGHT, synth_vae
 from dr_train.pretrain.config import PretrainConfig
 from dr_train.pretrain.loop import load_optimizer_tensors, lr_at, module_tensors, optimizer_tensors
 from dr_train.pretrain.prefetch import Prefetcher
@@ -38,16 +38,23 @@ def to_uint8(x_BCFHW: torch.Tensor) -> np.ndarray:
     return ((x_BCFHW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
-def render_windows(seed: int, first: int, count: int, frames: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Corpus clips first .. first+count-1, a random `frames` window of each (seeded by the step): uint8
-    (B, F, H, W, 3) and their subject masks (B, F, 2, H, W)."""
+def render_windows(seed: int, first: int, count: int, frames: int, step: int,
+                   size: int = HEIGHT) -> tuple[np.ndarray, np.ndarray]:
+    """Corpus clips first .. first+count-1 at `size` x `size` pixels, a random `frames` window of each (seeded by the
+    step): uint8 (B, F, H, W, 3) and their subject masks (B, F, 2, H, W)."""
     videos, masks = [], []
     for b in range(count):
-        clip = world.corpus_clip(first + b, seed, FRAMES, HEIGHT, WIDTH)
+        clip = world.corpus_clip(first + b, seed, FRAMES, size, size)
         start = int(np.random.default_rng((seed, step, b)).integers(0, FRAMES - frames + 1))
         videos.append(clip.frames[start:start + frames])
         masks.append(clip.masks[start:start + frames])
     return np.stack(videos), np.stack(masks)
+
+
+def held_out_clips(cfg: PretrainConfig, first: int) -> np.ndarray:
+    """The corpus clips after every clip the stages train on, whose reconstructions the stages' checks measure."""
+    w = cfg.world
+    return np.stack([world.corpus_clip(first + i, w.seed, FRAMES, w.size, w.size).frames for i in range(CHECK_CLIPS)])
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,13 +76,14 @@ class VAEStage:
         self.noise = torch.Generator().manual_seed(cfg.world.seed + 11)
         self.total_steps = v.steps
         first = cfg.world.corpus_clips + v.steps * v.batch_size      # held-out clips for the checks
-        self.check_clips = np.stack([world.corpus_clip(first + i, cfg.world.seed).frames for i in range(CHECK_CLIPS)])
+        self.check_clips = held_out_clips(cfg, first)
         self.renders = Prefetcher(render_windows, self.render_args, cfg.run.workers, steps=v.steps)
 
     def render_args(self, step: int) -> tuple:
         """`render_windows`' arguments for the clips of `step`."""
         v = self.cfg.vae
-        return self.cfg.world.seed, self.cfg.world.corpus_clips + step * v.batch_size, v.batch_size, v.clip_frames, step
+        w = self.cfg.world
+        return w.seed, w.corpus_clips + step * v.batch_size, v.batch_size, v.clip_frames, step, w.size
 
     def batch(self, step: int) -> torch.Tensor:
         frames, _ = self.renders.get(step)
@@ -153,13 +161,14 @@ class DecoderStage(VAEStage):
         self.noise = torch.Generator().manual_seed(cfg.world.seed + 17)
         self.total_steps = d.steps
         first = cfg.world.corpus_clips + cfg.vae.steps * cfg.vae.batch_size
-        self.check_clips = np.stack([world.corpus_clip(first + i, cfg.world.seed).frames for i in range(CHECK_CLIPS)])
+        self.check_clips = held_out_clips(cfg, first)
         self.first = first + CHECK_CLIPS                  # then this stage's own clips
         self.renders = Prefetcher(render_windows, self.render_args, cfg.run.workers, steps=d.steps)
 
     def render_args(self, step: int) -> tuple:
         d = self.cfg.decoder
-        return self.cfg.world.seed, self.first + step * d.batch_size, d.batch_size, d.clip_frames, step
+        w = self.cfg.world
+        return w.seed, self.first + step * d.batch_size, d.batch_size, d.clip_frames, step, w.size
 
     def train_step(self, step: int) -> dict:
         d = self.cfg.decoder
