@@ -118,18 +118,20 @@ fi
 # The synth base's recipe on the GPU: every stage, then the export with its checks. The run folder (the encoded
 # corpus alone is ~50 MB) stays outside $RES; its curves, metrics and the exported base are copied in.
 # PRETRAIN_RUN=/tmp/dr_pretrain makes a second call on the still-warm machine continue a run the time box stopped.
-PRE_RUN=${PRETRAIN_RUN:-$(mktemp -d /tmp/dr_pretrain.XXXXXX)}
-PRE_SETS=()
-for kv in ${PRETRAIN_SET:-}; do PRE_SETS+=(--set "$kv"); done
-[ $DRY = 1 ] && PRE_SETS=(--set world.corpus_clips=24 --set vae.steps=2 --set vae.batch_size=1 --set vae.clip_frames=7 \
-  --set vae.stats_clips=4 --set decoder.steps=1 --set decoder.batch_size=1 --set decoder.clip_frames=7 \
-  --set transformer.steps=2 --set transformer.batch_size=2 --set transformer.heads=2 --set transformer.layers=1 \
-  --set text.d_model=32 --set sample.steps=2 --set sample.fidelity_videos=2 --set sample.per_relation=0 "${PRE_SETS[@]}")
-WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
-step pretrain 540 "$PY" launch/pretrain_base.py --config configs/pretrain_synth.yaml --set "run.out=$PRE_RUN" \
-     --set "run.device=$([ $DRY = 1 ] && echo cpu || echo cuda)" --set "run.workers=$WORKERS" "${PRE_SETS[@]}" \
-     --export-to "$PRE_RUN/synth_base"
+PRE_RUN=""
 if [[ ",$ONLY," == *",pretrain,"* ]]; then
+  PRE_RUN=${PRETRAIN_RUN:-$(mktemp -d /tmp/dr_pretrain.XXXXXX)}
+  PRE_SETS=()
+  for kv in ${PRETRAIN_SET:-}; do PRE_SETS+=(--set "$kv"); done
+  [ $DRY = 1 ] && PRE_SETS=(--set world.corpus_clips=24 --set vae.steps=2 --set vae.batch_size=1 \
+    --set vae.clip_frames=7 --set vae.stats_clips=4 --set decoder.steps=1 --set decoder.batch_size=1 \
+    --set decoder.clip_frames=7 --set transformer.steps=2 --set transformer.batch_size=2 --set transformer.heads=2 \
+    --set transformer.layers=1 --set text.d_model=32 --set sample.steps=2 --set sample.fidelity_videos=2 \
+    --set sample.per_relation=0 "${PRE_SETS[@]}")
+  WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
+  step pretrain 540 "$PY" launch/pretrain_base.py --config configs/pretrain_synth.yaml --set "run.out=$PRE_RUN" \
+       --set "run.device=$([ $DRY = 1 ] && echo cpu || echo cuda)" --set "run.workers=$WORKERS" "${PRE_SETS[@]}" \
+       --export-to "$PRE_RUN/synth_base"
   mkdir -p "$RES/pretrain"
   for stage in vae corpus transformer decoder; do
     for f in metrics.jsonl loss_curve.png DONE.json; do
@@ -145,7 +147,7 @@ if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
   tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")" && cp "$SUMMARY" "$OUT/summary.txt"
   # the exported base: its two large weight files as they are (each < 16 MiB, the tool's limit per file), the rest
   # packed; unpack base.tar.gz and put the two files back to get the diffusers folder
-  if [ -f "$PRE_RUN/synth_base/model_index.json" ]; then
+  if [ -n "$PRE_RUN" ] && [ -f "$PRE_RUN/synth_base/model_index.json" ]; then
     cp "$PRE_RUN/synth_base/transformer/diffusion_pytorch_model.safetensors" "$OUT/base_transformer.safetensors"
     cp "$PRE_RUN/synth_base/vae/diffusion_pytorch_model.safetensors" "$OUT/base_vae.safetensors"
     tar -czf "$OUT/base.tar.gz" -C "$PRE_RUN" --exclude='diffusion_pytorch_model.safetensors' synth_base

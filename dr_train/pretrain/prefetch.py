@@ -21,8 +21,7 @@ class Prefetcher:
 
     def __init__(self, fn: Callable[..., Any], args_of: Callable[[int], tuple], workers: int = 0,
                  steps: int | None = None, ahead: int | None = None):
-        if workers < 0:
-            raise ValueError(f"run.workers must be >= 0, got {workers}")
+        assert workers >= 0, workers                  # load_pretrain_config refuses run.workers < 0
         self.fn, self.args_of, self.steps = fn, args_of, steps
         self.ahead = ahead if ahead is not None else 2 * workers
         self.pending: dict[int, Future] = {}
