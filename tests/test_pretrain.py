@@ -111,9 +111,25 @@ def test_pretraining_runs_every_stage_and_exports_a_verified_mochi_folder(tmp_pa
     assert "library_name: diffusers" in card and "on a CPU by `launch/pretrain_base.py`" in card
     assert "draws 25 x 64 x 64 videos" in card
     assert "**How its stages came about**: Its VAE was trained before a change to the world." in card
+    # --recheck: the checks again on the exported weights (as after a change to the world's relations); the card
+    # keeps how the base was made, its checks section and checks.json are rewritten, and the manifest still holds
+    weights = (target / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    again = subprocess.run([sys.executable, script, *args, "--set", "sample.fidelity_videos=3", "--recheck",
+                            str(target)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    verify_folder(target)
+    assert json.loads((target / "checks.json").read_text())["subject_fidelity_generic"]["videos"] == 3
+    rechecked = (target / "README.md").read_text()
+    assert rechecked.split("## What it does")[0] == card.split("## What it does")[0]
+    assert "generic prompts (3 videos)" in rechecked and "generic prompts (2 videos)" in card
+    assert (target / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     (target / "vae" / "config.json").write_text((target / "vae" / "config.json").read_text() + " ")
     with pytest.raises(ValueError, match="vae/config.json does not match its sha256"):
         verify_folder(target)
+    refused = subprocess.run([sys.executable, script, *args, "--recheck", str(target)], capture_output=True,
+                             text=True, timeout=600)
+    assert refused.returncode == 2 and "vae/config.json does not match its sha256" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
     # a finished transformer extended by 2 steps, its cosine still ending at step 3: the new steps run at 10 %
     curve = tmp_path / "out" / "transformer" / "metrics.jsonl"

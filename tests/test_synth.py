@@ -111,7 +111,8 @@ def test_demo_console_has_a_table_and_no_per_step_lines_or_library_warnings(tmp_
 
 def test_reconstruction_check_judges_the_person_exemplars_beside_the_other_kinds():
     """The bound on every relation result: the judge on the VAE's reconstructions of what the trainer encodes (two
-    persons, one hue band), reported beside the non-person pairs' check."""
+    persons, one hue band), reported beside the non-person pairs' check, which the shipped VAE passes (>= 90 % of the
+    judge's accuracy kept): a relation redrawn into what an 8x / 6x latent cannot carry fails here."""
     from dr_train.model import load_mochi
     from dr_train.pretrain.checks import BaseChecks
     from dr_train.pretrain.config import PretrainConfig
@@ -124,6 +125,7 @@ def test_reconstruction_check_judges_the_person_exemplars_beside_the_other_kinds
     assert len(rec["labels"]) == 26 and person["judge_original"] > 0.9 and rec["judge_original"] > 0.8
     assert 0.0 <= person["judge_reconstructed"] <= person["judge_original"] and person["psnr"] > 15
     assert person["kept"] == person["judge_reconstructed"] / person["judge_original"]
+    assert rec["kept"] >= 0.9, {r: v for r, v in rec["per_relation"].items() if v[1] < v[0]}
     per = person["per_relation"]                # [originals right, reconstructions right, clips] per relation
     assert len(per) == 26 and all(n == 1 and 0 <= rec_ok <= 1 for _, rec_ok, n in per.values())
     assert sum(ok for ok, _, _ in per.values()) / 26 == person["judge_original"]

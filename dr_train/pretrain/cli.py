@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (after a checkpoint) when this much time has passed; default: run to the end")
     p.add_argument("--export-to", default=None,
                    help="folder the export stage writes the diffusers base into (default: <run.out>/synth_base)")
+    p.add_argument("--recheck", default=None, metavar="FOLDER",
+                   help="run no stage: run the acceptance checks again on the exported base in FOLDER (its weights "
+                        "unchanged, e.g. dr_train/model/synth_base after a change to the world's relations) and "
+                        "rewrite its checks.json, the card's checks section and SHA256SUMS")
     return p
 
 
@@ -85,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     try:
+        if args.recheck:
+            target = export.recheck(cfg, Path(args.recheck), pick_device(cfg.run.device, "run.device"))
+            print(f"checks rewritten in {target / 'checks.json'} and {target / 'README.md'}")
+            return 0
         done = run(cfg, stages, args.minutes, Path(args.export_to) if args.export_to else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

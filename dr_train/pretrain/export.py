@@ -1,7 +1,7 @@
 """Stage 4: the shipped base. Assemble the diffusers folder (the transformer's EMA weights stored in bf16 to keep
 the folder small, the VAE, T5 and tokenizer from the corpus stage, Mochi's scheduler), load it back the way
 `model.preset: synth` does, run the acceptance checks on what ships, and write the model card (README.md with its
-pictures), checks.json and SHA256SUMS."""
+pictures), checks.json and SHA256SUMS. `recheck` runs the checks again on an exported base (its weights unchanged)."""
 from __future__ import annotations
 
 import json
@@ -20,11 +20,13 @@ from dr_train.data import world
 from dr_train.data.synthetic import RELATIONS
 from dr_train.model import load_mochi
 from dr_train.model.presets import mochi_scheduler
-from dr_train.model.synth import write_manifest
+from dr_train.model.synth import verify_folder, write_manifest
 from dr_train.plots import read_metrics
 from dr_train.pretrain.checks import BaseChecks, final_vae
 from dr_train.pretrain.config import HEADER, PretrainConfig
 from dr_train.pretrain.transformer import build_transformer
+
+CHECKS_HEADING = "## What it does"       # the model card's checks section runs from here to the end
 
 
 def _grid(videos: np.ndarray, path: Path, frames: int = 5, scale: int = 2) -> Path:
@@ -57,22 +59,54 @@ def assemble(cfg: PretrainConfig, out: Path, target: Path) -> Path:
 
 def export(cfg: PretrainConfig, out: Path, target: Path, device: torch.device | None = None) -> Path:
     target = assemble(cfg, Path(out), Path(target))
-    comps = load_mochi(str(target), dtype="fp32", attention_backend="sdpa")
-    checks = BaseChecks(cfg, out, vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                        device=device)
     card = target / "card"
     card.mkdir()
-    fid = checks.subject_fidelity(comps.transformer, count=cfg.sample.fidelity_videos)
-    _grid(fid["videos"][:8], card / "samples_generic.png")
     for stage in ("vae", "transformer", "decoder"):
         if (Path(out) / stage / "loss_curve.png").is_file():
             shutil.copy(Path(out) / stage / "loss_curve.png", card / f"{stage}_curve.png")
+    results = run_checks(cfg, target, device)
+    write_card(cfg, Path(out), target, results)
+    write_manifest(target)
+    return target
+
+
+def recheck(cfg: PretrainConfig, target: Path, device: torch.device | None = None) -> Path:
+    """Run the acceptance checks again on an exported base whose weights are unchanged (after a change to the world's
+    relations or to the judges, say): checks.json, the checks' pictures and the model card's checks section are
+    rewritten, the rest of the card is kept, and SHA256SUMS is remade. The folder is verified first."""
+    target = Path(target)
+    verify_folder(target)
+    card = target / "README.md"
+    text = card.read_text()
+    if CHECKS_HEADING not in text:
+        raise ValueError(f"{card} has no '{CHECKS_HEADING}' section to rewrite: is it a base exported by "
+                         f"launch/pretrain_base.py?")
+    results = run_checks(cfg, target, device)
+    head = text[:text.index(CHECKS_HEADING)]
+    card.write_text(head + _checks_heading(cfg) + "\n\n" + _checks_section(cfg, results) + "\n")
+    write_manifest(target)
+    return target
+
+
+def run_checks(cfg: PretrainConfig, target: Path, device: torch.device | None = None) -> dict:
+    """The acceptance checks on the base in `target`, loaded the way `model.preset: synth` loads it: writes
+    `checks.json` and the checks' pictures under `card/`, and returns the results."""
+    comps = load_mochi(str(target), dtype="fp32", attention_backend="sdpa")
+    checks = BaseChecks(cfg, target, vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                        device=device)
+    card = target / "card"
+    card.mkdir(exist_ok=True)
+    fid = checks.subject_fidelity(comps.transformer, count=cfg.sample.fidelity_videos)
+    _grid(fid["videos"][:8], card / "samples_generic.png")
     results = {
         "subject_fidelity_generic": {"rate": fid["rate"], "two_subjects_found": fid["two_subjects_found"],
                                      "videos": len(fid["hits"])},
         "sampler": {"steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale},
     }
-    if cfg.sample.per_relation:
+    if not cfg.sample.per_relation:
+        for stale in ("reconstructions.png", "samples_relation_prompts.png"):
+            (card / stale).unlink(missing_ok=True)
+    else:
         rec = checks.reconstruction(cfg.sample.per_relation)
         rel = checks.relation_accuracy(comps.transformer, per_relation=cfg.sample.per_relation)
         pick = np.arange(0, len(rec["labels"]), 9)
@@ -86,9 +120,11 @@ def export(cfg: PretrainConfig, out: Path, target: Path, device: torch.device | 
             "relation_accuracy": rel["accuracy"], "chance": rel["chance"], "subject_fidelity": rel["subject_fidelity"],
             "videos": len(rel["items"]), "predicted_counts": {r: predicted.count(r) for r in sorted(set(predicted))}}
     (target / "checks.json").write_text(json.dumps(results, indent=1))
-    write_card(cfg, Path(out), target, results)
-    write_manifest(target)
-    return target
+    return results
+
+
+def _checks_heading(cfg: PretrainConfig) -> str:
+    return f"{CHECKS_HEADING} (checks.json; sampler: {cfg.sample.steps} Euler steps, CFG {cfg.sample.guidance_scale})"
 
 
 def _checks_section(cfg: PretrainConfig, results: dict) -> str:
@@ -189,7 +225,7 @@ video = pipe("A robot and an owl are bouncing.", num_frames=25, height={size}, w
 ![transformer](card/transformer_curve.png)
 ![decoder](card/decoder_curve.png)
 
-## What it does (checks.json; sampler: {cfg.sample.steps} Euler steps, CFG {cfg.sample.guidance_scale})
+{_checks_heading(cfg)}
 
 {_checks_section(cfg, results)}
 """
