@@ -6,6 +6,7 @@ import pytest
 
 from dr_train.catalog import load_catalog
 from dr_train.data.mask_import import load_mask_folder
+from dr_train.data import synthetic
 from dr_train.data.synthetic import PATTERNS, pattern_for, render_clip, write_synthetic_videos
 
 
@@ -75,3 +76,15 @@ def test_written_clips_carry_video_masks_and_truth(tmp_path):
     assert np.array_equal(load_mask_folder(folder / "hugging_0001_masks").masks, clip.masks)
     with pytest.raises(ValueError, match=">= 1"):
         write_synthetic_videos(tmp_path, ["hugging"], 0, 7, 32, 48)
+
+
+def test_the_dataset_cache_is_rendered_again_when_a_pattern_changes(tmp_path, monkeypatch):
+    """Clips cached before a relation was redrawn must not be reused: the cache folder's key holds the patterns."""
+    from conftest import small_config
+    from dr_train.data.sources import synthetic_dataset_dir
+
+    cfg = small_config(tmp_path)
+    before = synthetic_dataset_dir(cfg)
+    assert synthetic_dataset_dir(small_config(tmp_path)) == before
+    monkeypatch.setitem(synthetic.PATTERNS, "high_five", {**synthetic.PATTERNS["high_five"], "x1": 0.3})
+    assert synthetic_dataset_dir(cfg) != before

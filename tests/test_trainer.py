@@ -345,12 +345,23 @@ def test_wandb_offline_run_gets_scalars_and_validation_but_never_the_key(tmp_pat
             assert secret.encode() not in path.read_bytes(), path
 
 
-def test_a_checkpoint_written_by_the_earlier_layout_resumes_to_the_same_losses(tmp_path):
+# high_five's keyframes when tests/golden/checkpoint_v1 was made (it was redrawn later): the clips that run trained on
+HIGH_FIVE_V1 = {"x1": [(0, .25), (.4, .38), (1, .38)], "x2": [(0, .75), (.4, .62), (1, .62)],
+                "arm1": [(0, 0), (.4, 0), (.6, 1), (.7, 1), (.85, 0), (1, 0)],
+                "arm2": [(0, 0), (.4, 0), (.6, 1), (.7, 1), (.85, 0), (1, 0)],
+                "ah1": [(0, 0), (.4, -.5), (.6, -1.8), (.85, -1.8), (1, 0)],
+                "ah2": [(0, 0), (.4, -.5), (.6, -1.8), (.85, -1.8), (1, 0)]}
+
+
+def test_a_checkpoint_written_by_the_earlier_layout_resumes_to_the_same_losses(tmp_path, monkeypatch):
     """tests/golden/checkpoint_v1: step 4 of a run written before the trainer's checkpoint parts moved into
     CheckpointManager; resuming it now gives the steps 5-8 that run logged (same format, same state restored)."""
     import shutil
     from pathlib import Path
 
+    from dr_train.data import synthetic
+
+    monkeypatch.setitem(synthetic.PATTERNS, "high_five", HIGH_FIVE_V1)     # the cache key follows the patterns
     golden = Path(__file__).parent / "golden" / "checkpoint_v1"
     expected = json.loads((golden / "expected.json").read_text())["metrics"]
     cfg = small_config(tmp_path, **{"train.relations": "high_five", "train.deterministic": True,

@@ -16,7 +16,7 @@ from dr_train.data import world
 from dr_train.data.encode import ClipEncoder
 from dr_train.data.prepare import discover_videos, prepare_dataset
 from dr_train.data.shards import VERSION, load_manifest
-from dr_train.data.synthetic import render_clip, write_synthetic_videos
+from dr_train.data.synthetic import patterns_digest, render_clip, write_synthetic_videos
 from dr_train.geometry import video_frames, video_size
 from dr_train.model import load_mochi
 
@@ -70,7 +70,7 @@ def synthetic_dataset_dir(cfg: Config) -> Path:
     d = cfg.data
     seed = WORLD_EXEMPLAR_SEED if cfg.model.preset == "synth" else cfg.train.seed
     key = json.dumps([cfg.model.preset, cfg.model.max_text_tokens, d.videos_per_relation,
-                      *synthetic_latent_size(cfg), seed, VERSION])
+                      *synthetic_latent_size(cfg), seed, VERSION, patterns_digest()])
     return Path(d.cache_dir) / f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

@@ -132,6 +132,12 @@ class SyntheticClip:
                 "width": int(self.frames.shape[2]), "boxes_xyxy": np.round(self.boxes, 2).tolist()}
 
 
+def patterns_digest() -> str:
+    """A digest of every relation's keyframes: part of the synthetic dataset cache's key, so that clips rendered
+    before a pattern changed are not reused."""
+    return hashlib.sha256(json.dumps(PATTERNS, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def pattern_for(relation: str) -> dict:
     """The relation's keyframes; a relation outside the built-in 26 gets one of them, chosen by its name."""
     if relation in PATTERNS:
