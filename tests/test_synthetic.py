@@ -6,7 +6,6 @@ import pytest
 
 from dr_train.catalog import load_catalog
 from dr_train.data.mask_import import load_mask_folder
-from dr_train.data import synthetic
 from dr_train.data.synthetic import PATTERNS, pattern_for, render_clip, write_synthetic_videos
 
 
@@ -86,5 +85,5 @@ def test_the_dataset_cache_is_rendered_again_when_a_pattern_changes(tmp_path, mo
     cfg = small_config(tmp_path)
     before = synthetic_dataset_dir(cfg)
     assert synthetic_dataset_dir(small_config(tmp_path)) == before
-    monkeypatch.setitem(synthetic.PATTERNS, "high_five", {**synthetic.PATTERNS["high_five"], "x1": 0.3})
+    monkeypatch.setitem(PATTERNS, "high_five", {**PATTERNS["high_five"], "x1": 0.3})
     assert synthetic_dataset_dir(cfg) != before
