@@ -63,10 +63,10 @@ class TextSection:
 class TransformerSection:
     """Stage 3: the MochiTransformer3DModel, trained with the trainer's rectified-flow objective on the encoded
     corpus (z_s = (1-s) z0 + s eps, s ~ U(0,1), target z0 - eps, timestep (1-s)*1000)."""
-    heads: int = opt(6, "attention heads")
+    heads: int = opt(7, "attention heads")
     head_dim: int = opt(32, "width per head")
     patch_size: int = opt(2, "latent pixels per token side (Mochi-1 uses 2; 1 gives a subject of the 64 px world ~4 tokens instead of ~1)")
-    layers: int = opt(6, "MM-DiT blocks")
+    layers: int = opt(7, "MM-DiT blocks")
     context_dim: int = opt(96, "width of the text stream (pooled_projection_dim)")
     time_embed_dim: int = opt(128, "timestep embedding width")
     steps: int = opt(5000, "optimizer steps")
