@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dr_train import fanout
+from dr_train.base_identity import base_identity
 from dr_train.catalog import catalog_for
 from dr_train.cli import one_line_errors
 from dr_train.config import ModelConfig, load_config
@@ -44,6 +45,7 @@ from dr_train.io import atomic_path, atomic_write_text, read_json, sha256_file
 from dr_train.lora_formats import LoraFile, applied_lora_tensors, match_lora, read_lora_file
 from dr_train.model import load_mochi
 from dr_train.model.loading import PRESETS
+from dr_train.orchestrate import records
 from dr_train.plots import keyframe_grid
 from dr_train.run_folder import LORA_FILE, RelationFolder
 from dr_train.runtime import quiet_library_noise
@@ -247,10 +249,12 @@ class GenerationItem:
     lora_sha256: str | None
     folder: str                   # relative to the batch folder
 
-    def request(self, base_model: str, settings: SamplerSettings) -> dict:
-        """What the item's video depends on: a generation.json with another request is stale."""
+    def request(self, base_model: str, base: str, settings: SamplerSettings) -> dict:
+        """What the item's video depends on: a generation.json with another request is stale. `base` is the base
+        model's identity (dr_train.base_identity): a retrained base keeps its preset's name."""
         return {"relation": self.relation, "kind": self.kind, "prompt": self.prompt, "seed": self.seed,
-                "lora_sha256": self.lora_sha256, "base_model": base_model, **asdict(settings)}
+                "lora_sha256": self.lora_sha256, "base_model": base_model, "base_identity": base,
+                **asdict(settings)}
 
 
 def relation_prompts(relation, prompts: str | Sequence[str], num_prompts: int | None = None) -> list[str]:
@@ -332,8 +336,8 @@ class _Generator:
 
     def run(self, out: Path, settings: SamplerSettings, lora: str | None, items: list[GenerationItem],
             progress) -> int:
-        base_model = base_model_name(self.preset)
-        pending = [i for i in items if not item_complete(out, i, i.request(base_model, settings))]
+        base_model, base = base_model_name(self.preset), base_identity(self.preset)
+        pending = [i for i in items if not item_complete(out, i, i.request(base_model, base, settings))]
         for item in items:
             if item not in pending:
                 progress(item)
@@ -351,7 +355,7 @@ class _Generator:
                                        [i.seed for i in chunk])
                 seconds = (time.perf_counter() - started) / len(chunk)
                 for item, frames in zip(chunk, videos):
-                    _write_item(out, item, item.request(base_model, settings), frames, seconds, str(self.pipe.device),
+                    _write_item(out, item, item.request(base_model, base, settings), frames, seconds, str(self.pipe.device),
                                 applied)
                     progress(item)
         finally:
@@ -406,11 +410,14 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
     chosen = run_relations(run_dir, relations)
     configs = {name: relation_config(run_dir, name) for name in chosen}
     presets = {cfg.model.preset for cfg in configs.values()}
+    chosen_preset = preset is not None
     if preset is None:
         if len(presets) != 1:
             raise ValueError(f"the relations of {run_dir} were trained on different models {sorted(presets)}; "
                              f"pass preset")
         preset = presets.pop()
+    if include_lora:
+        _check_lora_bases(chosen, preset, strict=not chosen_preset)
     steps, guidance_scale, batch_size = sampler_defaults(preset, steps, guidance_scale, batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -459,6 +466,17 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
         bar.close()
     index = write_index(out, run_dir, preset, settings, items, seeds, prompts, num_prompts)
     return {**index, "generated": made, "skipped": len(items) - made}
+
+
+def _check_lora_bases(chosen: dict[str, Path], preset: str, strict: bool) -> None:
+    """The LoRAs were trained on the base `preset` loads now (their DONE.json's record): a ValueError where not,
+    or, where the caller named the preset (a LoRA deliberately applied to another base), a warning."""
+    base = base_identity(preset)
+    for folder in chosen.values():
+        if strict:
+            records.check_finished_base(folder, preset, base)
+        elif mismatch := records.finished_base_mismatch(folder, preset, base):
+            log.warning("%s: applying its LoRA anyway, as the preset was named", mismatch)
 
 
 def write_index(out: Path, run_dir: Path, preset: str, settings: SamplerSettings, items: list[GenerationItem],

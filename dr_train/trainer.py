@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 import kernels
 from dr_train import checkpoint as ckpt
+from dr_train.base_identity import base_identity
 from dr_train.catalog import Relation, catalog_for, select_relations
 from dr_train.config import Config
 from dr_train.data.loader import Batch, ShardStream
@@ -217,7 +218,7 @@ class RelationRun:
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        return {"relation": self.relation.name, "model": self.cfg.model.preset,
+        return {"relation": self.relation.name, "model": self.cfg.model.preset, "base": self.comps.identity,
                 "lora": {"rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha,
                          "placement": resolve_placement(self.cfg.lora.placement)}}
 
@@ -242,9 +243,13 @@ class RelationRun:
         tensors, state = self.checkpoints.read(path)
         if "identity" not in state:
             raise ValueError(f"checkpoint file {path / 'state.json'} has no 'identity' entry")
-        if state["identity"] != self._identity():
+        identity = self._identity()
+        if "base" not in state["identity"]:         # written before checkpoints recorded their base
+            log.warning("checkpoint %s does not record its base model: it is assumed to be %s", path, identity["base"])
+            identity.pop("base")
+        if state["identity"] != identity:
             raise ValueError(f"checkpoint {path / 'state.json'} was written for {state.get('identity')}, which does "
-                             f"not match this run ({self._identity()})")
+                             f"not match this run ({identity})")
         self.restoring = path
         self.checkpoints.restore(tensors, state, path)
         self.step = state["step"]
@@ -509,7 +514,8 @@ def _train_relation(run: RelationRun, folder: RelationFolder, validator, positio
     if validation_seconds:
         dist.info0("%s: validation took %.1f s, %.1f %% of the relation's training time", relation.name,
                    validation_seconds, 100.0 * validation_seconds / max(wall, 1e-9))
-    result = {"relation": relation.name, "steps": run.step, "status": "finished", "wall_seconds": wall,
+    result = {"relation": relation.name, "steps": run.step, "status": "finished", "base": run.comps.identity,
+              "wall_seconds": wall,
               "checkpoint": str(run.last_checkpoint), "world_size": dist.world_size,
               "final": _final_losses(run.folder.metrics) if dist.is_main else {}, **last}
     result |= _export(run)
@@ -625,12 +631,13 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def _plan(cfg: Config, relations: list[Relation]) -> dict[str, str]:
+def _plan(cfg: Config, relations: list[Relation], base: str) -> dict[str, str]:
     """Per relation: 'train' (new or unfinished), 'extend' (finished, and --resume asks for more steps than it
     had, or --resume-from names one of its checkpoints), 'skip' (finished with enough steps, or with fewer but no
-    --resume)."""
+    --resume). A relation finished on another base than `base` is a ValueError: its LoRA is not reused."""
     plan = {}
     for relation in relations:
+        records.check_finished_base(Path(cfg.train.output_dir) / relation.name, cfg.model.preset, base)
         steps = records.finished_steps(Path(cfg.train.output_dir) / relation.name)
         if steps is None:
             plan[relation.name] = "train"
@@ -661,7 +668,7 @@ def train(cfg: Config) -> list[dict]:
                             d.timeout_minutes)
     try:
         set_determinism(cfg.train.seed, cfg.train.deterministic)
-        plan = _plan(cfg, relations)
+        plan = _plan(cfg, relations, base_identity(cfg.model.preset))
         dist.barrier()                             # every rank has read the DONE files before any is removed
         pending = [r for r in relations if plan[r.name] != "skip"]
         # one rank generates/extends the dataset, the others then find it

@@ -107,7 +107,8 @@ def measure(case: dict, work: Path) -> int:
     if case["checkpointing"]:
         transformer.enable_gradient_checkpointing()
     comps = MochiComponents(transformer=transformer, vae=None, text_encoder=None, tokenizer=None, scheduler=None,
-                            max_text_tokens=TEXT_TOKENS, source="perf/memory_model.py")
+                            max_text_tokens=TEXT_TOKENS, source="perf/memory_model.py",
+                            identity="random:perf/memory_model.py")
     batch = case.get("batch", 1)
     cfg = load_config(None, [f"train.output_dir={work / 'runs'}", "data.caption_dropout=0", "model.preset=tiny",
                              f"train.batch_size={batch}", "train.max_steps=10", 'train.mixed_precision="no"',

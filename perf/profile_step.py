@@ -101,7 +101,8 @@ def build_mochi_components(device: torch.device, dtype: torch.dtype, attention_b
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return MochiComponents(transformer=transformer, vae=None, text_encoder=None, tokenizer=None, scheduler=None,
-                           max_text_tokens=text_tokens, source="Mochi-1 config, random weights (perf/profile_step.py)")
+                           max_text_tokens=text_tokens, source="Mochi-1 config, random weights (perf/profile_step.py)",
+                           identity="random:perf/profile_step.py")
 
 
 def limit_prompt(stream, tokens: int) -> None:

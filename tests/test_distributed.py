@@ -27,18 +27,24 @@ def _env():
     return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
-def _train(cwd: Path, out: str, *args, ranks: int = 1, launcher: str = "torchrun", timeout: int = 400):
+def _command(cwd: Path, out: str, *args, ranks: int = 1, launcher: str = "torchrun", port: int = 0) -> list[str]:
+    """launch/train.py on the tiny preset, with this module's cache and optimizer eps, under `launcher` on `ranks`
+    ranks (port: the launcher's master port, by default one per launcher and test process)."""
     script = str(REPO / "launch" / "train.py")
+    port = port or {"torchrun": 29500, "deepspeed": 29600}[launcher] + os.getpid() % 1000
     if ranks == 1:
         cmd = [sys.executable, script]
     elif launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
-               script]
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(port), script]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(29600 + os.getpid() % 1000),
-               script]
-    cmd += ["--output-dir", out, "--set", f"data.cache_dir={cwd / 'cache'}", "--set", "model.preset=tiny", *EPS, *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), script]
+    return cmd + ["--output-dir", out, "--set", f"data.cache_dir={cwd / 'cache'}", "--set", "model.preset=tiny", *EPS,
+                  *args]
+
+
+def _train(cwd: Path, out: str, *args, ranks: int = 1, launcher: str = "torchrun", timeout: int = 400):
+    proc = subprocess.run(_command(cwd, out, *args, ranks=ranks, launcher=launcher), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -150,9 +156,7 @@ def test_deepspeed_launch_of_two_relations_survives_a_kill(work):
     args = ["--relations", "handshaking,hugging", "--max-steps", "6", "--checkpoint-every", "2", "--set",
             "distributed.zero_stage=2", "--set", "data.num_workers=1"]
     out = work / "ds"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 1000),
-           str(REPO / "launch" / "train.py"), "--output-dir", "ds", "--set", f"data.cache_dir={work / 'cache'}",
-           "--set", "model.preset=tiny", *EPS, *args]
+    cmd = _command(work, "ds", *args, ranks=2, launcher="deepspeed", port=29700 + os.getpid() % 1000)
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
                             start_new_session=True)
     metrics = out / "hugging" / "metrics.jsonl"

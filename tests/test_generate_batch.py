@@ -133,3 +133,22 @@ def test_cli_batch_mode(run, first, capsys):
     assert main(["--run", str(run), "--prompt", "x"]) == 2
     assert main(["--run", str(run / "missing")]) == 2
     assert (run / "eval" / "videos" / INDEX).is_file()
+
+
+def test_a_retrained_base_redoes_base_videos_and_refuses_loras_made_on_the_old_one(tmp_path, monkeypatch, caplog):
+    """A base retrained under the same preset name (as the synth base is): the base model's videos made on the old
+    one are stale, and a LoRA whose DONE.json records the old base is refused unless the preset is named."""
+    run = make_fake_run(tmp_path / "run", ("high_five",))
+    done = run / "high_five" / "DONE.json"
+    done.write_text(json.dumps(json.loads(done.read_text()) | {"base": "tiny"}))
+    kwargs = dict(num_prompts=1, out_dir=tmp_path / "videos", progress=False)
+    assert generate_batch(run, **kwargs, **SIZE)["generated"] == 2
+    assert generate_batch(run, include_lora=False, **kwargs, **SIZE)["generated"] == 0
+    monkeypatch.setattr("dr_train.generate.base_identity", lambda preset: "tiny-retrained")
+    assert generate_batch(run, include_lora=False, **kwargs, **SIZE)["generated"] == 1
+    with pytest.raises(ValueError, match=r"high_five/DONE.json was made on base tiny, but model.preset 'tiny' is "
+                                         r"base tiny-retrained.*--output-dir"):
+        generate_batch(run, **kwargs, **SIZE)
+    with caplog.at_level("WARNING", logger="dr_train"):
+        assert generate_batch(run, preset="tiny", **kwargs, **SIZE)["generated"] == 1
+    assert "applying its LoRA anyway" in caplog.text

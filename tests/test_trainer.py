@@ -380,3 +380,28 @@ def test_a_checkpoint_written_by_the_earlier_layout_resumes_to_the_same_losses(t
         if want["loss_rcl"] is not None:        # 0.0035 at step 5: another CPU's summation order moved it by
             # 2.4e-7 there (rel 7e-5), so an absolute floor of 1e-6 beside the relative 1e-5
             assert row["loss_rcl"] == pytest.approx(want["loss_rcl"], rel=1e-5, abs=1e-6), row["step"]
+
+
+def test_a_relation_made_on_another_base_is_neither_reused_nor_resumed(tmp_path, monkeypatch, caplog):
+    """A base retrained under the same preset name (as the synth base is): its finished relations are refused,
+    not skipped as done, and its checkpoints are not resumed. A DONE.json from before bases were recorded is
+    skipped as before."""
+    cfg = small_config(tmp_path, **{"train.relations": "hugging", "train.max_steps": 2, "train.checkpoint_every": 1})
+    train(cfg)
+    out = tmp_path / "runs" / "hugging"
+    assert json.loads((out / "DONE.json").read_text())["base"] == "tiny"
+    state = json.loads((out / "checkpoints" / "step-00000001" / "state.json").read_text())
+    assert state["identity"]["base"] == "tiny"
+    monkeypatch.setattr("dr_train.trainer.base_identity", lambda preset: "tiny-retrained")
+    monkeypatch.setattr("dr_train.model.loading.base_identity", lambda preset: "tiny-retrained")
+    with pytest.raises(ValueError, match=r"hugging/DONE.json was made on base tiny, but model.preset 'tiny' is base "
+                                         r"tiny-retrained.*remove .*hugging to train it again"):
+        train(cfg)
+    assert (out / "DONE.json").is_file() and (out / "lora").is_dir()           # nothing removed
+    done = json.loads((out / "DONE.json").read_text())
+    (out / "DONE.json").write_text(json.dumps({k: v for k, v in done.items() if k != "base"}))
+    assert train(cfg)[0]["status"].startswith("skipped")
+    (out / "DONE.json").unlink()
+    resumed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
+    with pytest.raises(ValueError, match=r"step-00000002.*was written for .*'base': 'tiny'.*tiny-retrained"):
+        train(resumed)

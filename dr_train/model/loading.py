@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 from transformers import T5EncoderModel, T5TokenizerFast
 
+from dr_train.base_identity import base_identity
 from dr_train.model import presets, synth
 from dr_train.model.attention import set_attention_backend
 
@@ -28,6 +29,7 @@ class MochiComponents:
     scheduler: FlowMatchEulerDiscreteScheduler
     max_text_tokens: int
     source: str
+    identity: str                   # dr_train.base_identity: what LoRAs and videos made on it record
     block_swap: Any = None          # dr_train.model.block_swap.BlockSwap when model.blocks_to_swap is on
 
     def pipeline(self) -> MochiPipeline:
@@ -87,6 +89,7 @@ def load_mochi(preset: str = "tiny", dtype: str = "auto", attention_backend: str
         raise ValueError(f"unknown Mochi part(s) {sorted(unknown)}; available: {', '.join(PARTS)}")
     torch_dtype = resolve_dtype(preset, dtype)
     source = preset if preset in PRESETS else str(Path(preset))
+    identity = base_identity(preset)
     if preset == "tiny":
         tokenizer, scheduler = presets.tiny_tokenizer(), presets.mochi_scheduler()
         max_text_tokens = max_text_tokens or presets.TINY_TEXT_TOKENS
@@ -100,7 +103,7 @@ def load_mochi(preset: str = "tiny", dtype: str = "auto", attention_backend: str
     loaded = {part: _load_part(part, preset, torch_dtype, len(tokenizer)) if part in parts else None
               for part in PARTS}
     comps = MochiComponents(tokenizer=tokenizer, scheduler=scheduler, max_text_tokens=max_text_tokens,
-                            source=source, **loaded)
+                            source=source, identity=identity, **loaded)
     for module in loaded.values():
         if module is not None:
             module.requires_grad_(False)

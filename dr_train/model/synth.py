@@ -18,13 +18,13 @@ import torch
 from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
+from dr_train.base_identity import SYNTH_DIR, SYNTH_MANIFEST
 from dr_train.catalog import load_catalog
 from dr_train.data import world
 from dr_train.io import sha256_file
 from dr_train.model.presets import word_tokenizer
 
-SYNTH_DIR = Path(__file__).resolve().parent / "synth_base"
-MANIFEST = "SHA256SUMS"
+MANIFEST = SYNTH_MANIFEST
 FRAMES, HEIGHT, WIDTH = 25, 64, 64
 TEXT_TOKENS = 24
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")

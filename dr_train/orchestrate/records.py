@@ -22,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+from dr_train.base_identity import describe_mismatch
 from dr_train.io import atomic_write_text
 from dr_train.run_folder import RelationFolder
 
@@ -41,6 +42,24 @@ def finished_steps(rel_dir: Path) -> int | None:
     if not isinstance(done, dict) or not isinstance(done.get("steps"), int):
         raise ValueError(f"{path} is not a finished relation's record (no integer 'steps')")
     return done["steps"]
+
+
+def finished_base_mismatch(rel_dir: Path, preset: str, base: str) -> str | None:
+    """The line saying that a finished relation was trained on another base than `base` (dr_train.base_identity),
+    from its DONE.json; None when it was not, is unfinished, or finished before runs recorded their base."""
+    path = RelationFolder(Path(rel_dir)).done
+    done = read_json(path) if path.is_file() else None
+    recorded = done.get("base") if isinstance(done, dict) else None
+    return describe_mismatch(str(path), recorded, preset, base) if recorded not in (None, base) else None
+
+
+def check_finished_base(rel_dir: Path, preset: str, base: str) -> None:
+    """A ValueError saying how to go on where a finished relation was trained on another base (its LoRA belongs to
+    that base); nothing in the folder is removed."""
+    mismatch = finished_base_mismatch(rel_dir, preset, base)
+    if mismatch:
+        raise ValueError(f"{mismatch}: choose another train.output_dir (--output-dir), or remove {Path(rel_dir)} to "
+                         f"train it again")
 
 
 def is_finished(rel_dir: Path, max_steps: int = 0) -> bool:
