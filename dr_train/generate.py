@@ -355,8 +355,8 @@ class _Generator:
                                        [i.seed for i in chunk])
                 seconds = (time.perf_counter() - started) / len(chunk)
                 for item, frames in zip(chunk, videos):
-                    _write_item(out, item, item.request(base_model, base, settings), frames, seconds, str(self.pipe.device),
-                                applied)
+                    _write_item(out, item, item.request(base_model, base, settings), frames, seconds,
+                                str(self.pipe.device), applied)
                     progress(item)
         finally:
             if lora is not None:

@@ -91,6 +91,15 @@ def test_rerun_skips_finished_variants_and_refuses_other_settings(ablated):
                       evaluation=EVALUATION)
 
 
+def test_a_retrained_base_is_not_taken_for_the_one_the_variants_were_made_on(ablated, monkeypatch):
+    """The base keeps its preset's name when retrained (synth is): a finished variant is not reused on it."""
+    out, _ = ablated
+    monkeypatch.setattr("dr_train.eval.ablations.base_identity", lambda preset: "tiny-retrained")
+    with pytest.raises(ValueError, match=r"full/ABLATION.json was made with other settings .*\(base model"):
+        run_ablations(out, ["handshaking"], "full", steps=6, overrides=TRAIN, generation=GENERATION,
+                      evaluation=EVALUATION)
+
+
 def test_cli_parses_training_and_sampler_steps_apart():
     import importlib.util
 

@@ -200,10 +200,15 @@ def test_progress_table_plain(tmp_path):
 
 def test_cli_usage_errors_before_any_cluster(tmp_path):
     script = str(REPO / "launch" / "ray_submit.py")
+    finished = tmp_path / "s" / "handshaking"
+    finished.mkdir(parents=True)
+    (finished / "DONE.json").write_text(json.dumps({"relation": "handshaking", "steps": 4, "base": "synth:0000"}))
     for args, msg in ([["--gpus-per-relation", "1.5"], "whole number"],
                       [["--relations", "moonwalking"], "unknown relation(s) moonwalking"],
                       [["--set", "train.max_steps=0"], "train.max_steps must be >= 1"],
-                      [["--set", "train.resume_from=step-4"], "not on a Ray submission"]):
+                      [["--set", "train.resume_from=step-4"], "not on a Ray submission"],
+                      [["--relations", "handshaking", "--set", "model.preset=tiny"],
+                       "handshaking/DONE.json was made on base synth:0000, but model.preset 'tiny' is base tiny"]):
         proc = subprocess.run([sys.executable, script, "--storage", str(tmp_path / "s"), *args],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -5,7 +5,8 @@ and one table collects the overall relation-LoRA row of every variant beside the
 A variant is only config: a file of `configs/ablations/` and/or `lora.placement` presets (their semantics live in
 `dr_train/method/triplet.py` and docs/method.md). Variants without a relation or an FFN adapter export the inference adapters
 they have (`lora.export_adapters`: ffn alone, relation alone), since the paper's inference uses relation + FFN.
-A finished variant (`<out>/<variant>/ABLATION.json`) is skipped on a re-run with the same settings. The base model
+A finished variant (`<out>/<variant>/ABLATION.json`) is skipped on a re-run with the same settings (the base
+model's identity among them). The base model
 (no LoRA) is generated and evaluated once into `<out>/base/` for a reference row.
 
 With several training seeds (`train_seeds`) each variant is trained once per seed into `<out>/<variant>/seed-<s>/`.
@@ -28,11 +29,12 @@ from typing import Sequence
 import numpy as np
 import yaml
 
+from dr_train.base_identity import base_identity
 from dr_train.config import load_config
 from dr_train.eval.evaluate import evaluate_run
 from dr_train.eval.report import KIND_LABEL, PAPER_SOURCE, WORLD_COLUMNS, build_report, format_interval, format_metric
 from dr_train.eval.world_scores import summarise
-from dr_train.generate import config_overrides, generate_batch
+from dr_train.generate import config_overrides, generate_batch, relation_config
 from dr_train.io import atomic_write_text
 from dr_train.trainer import train
 
@@ -134,15 +136,24 @@ def variant_config(variant: str, relations: Sequence[str], out_dir: Path, steps:
     return load_config(config, items)
 
 
-def _settings(variant: str, relations, steps, config, overrides, generation: dict, evaluation: dict) -> dict:
-    """What a variant's row depends on (a finished variant with other settings is not reused)."""
+def _settings(variant: str, relations, steps, config, overrides, generation: dict, evaluation: dict,
+              base: str) -> dict:
+    """What a variant's row depends on (a finished variant with other settings is not reused); `base` is the base
+    model's identity (dr_train.base_identity: a retrained base keeps its preset's name)."""
     ev = {k: (v.describe() if hasattr(v, "describe") else str(v) if isinstance(v, Path) else v)
           for k, v in evaluation.items()}
-    return json.loads(json.dumps({"variant": variant, "relations": list(relations), "steps": steps,
+    return json.loads(json.dumps({"variant": variant, "base": base, "relations": list(relations), "steps": steps,
                                   "config": str(config) if config else None, "overrides": list(overrides),
                                   "variant_overrides": VARIANTS[variant].config_overrides()
                                   if variant in VARIANTS else [],
                                   "generation": generation, "evaluation": ev}, default=str))
+
+
+def _same_settings(recorded, settings: dict) -> bool:
+    """A record written before settings named the base compares without it."""
+    if isinstance(recorded, dict) and "base" not in recorded:
+        settings = {k: v for k, v in settings.items() if k != "base"}
+    return recorded == settings
 
 
 def variant_folder(out_dir: Path, variant: str, seed: int | None = None) -> Path:
@@ -156,16 +167,17 @@ def run_variant(variant: str, out_dir: Path, relations: Sequence[str], steps: in
     folder = variant_folder(out_dir, variant, seed)
     if seed is not None:
         overrides = [*overrides, f"train.seed={int(seed)}"]
-    settings = _settings(variant, relations, steps, config, overrides, generation, evaluation)
+    cfg = variant_config(variant, relations, folder, steps, config, overrides)
+    settings = _settings(variant, relations, steps, config, overrides, generation, evaluation,
+                         base_identity(cfg.model.preset))
     done = folder / DONE_FILE
     if done.is_file():
         record = json.loads(done.read_text())
-        if record.get("settings") != settings:
-            raise ValueError(f"{done} was made with other settings than this call's (relations, steps, config, "
-                             f"generation or evaluation); choose another output folder or delete {folder}")
+        if not _same_settings(record.get("settings"), settings):
+            raise ValueError(f"{done} was made with other settings than this call's (base model, relations, steps, "
+                             f"config, generation or evaluation); choose another output folder or delete {folder}")
         log.info("ablation %s: finished before (%s), skipping", variant, done)
         return record | {"status": "skipped (finished before)"}
-    cfg = variant_config(variant, relations, folder, steps, config, overrides)
     train(cfg)
     generate_batch(folder, relations, include_base=False, **generation)
     metrics = evaluate_run(folder, **_evaluation(evaluation, out_dir))
@@ -182,11 +194,12 @@ def run_base(out_dir: Path, run_dir: Path, relations: Sequence[str], generation:
     reference row (`run_dir`: any variant's run, for its relations' prompts and training clips). Redone when the
     generation or evaluation settings changed."""
     folder = out_dir / BASE_FOLDER
-    settings = _settings("base", relations, None, None, (), generation, evaluation)
+    settings = _settings("base", relations, None, None, (), generation, evaluation,
+                         base_identity(relation_config(run_dir, relations[0]).model.preset))
     done = folder / DONE_FILE
     if done.is_file():
         record = json.loads(done.read_text())
-        if record.get("settings") == settings:
+        if _same_settings(record.get("settings"), settings):
             return record | {"status": "skipped (finished before)"}
     generate_batch(run_dir, relations, include_lora=False, include_base=True, out_dir=folder / "videos",
                    **generation)
