@@ -8,6 +8,7 @@ from pathlib import Path
 
 SYNTH_DIR = Path(__file__).resolve().parent / "model" / "synth_base"
 SYNTH_MANIFEST = "SHA256SUMS"
+ENCODER_PARTS = ("vae", "text_encoder", "tokenizer")        # what encoded latents and text embeddings depend on
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -15,11 +16,15 @@ def _short(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def base_identity(preset: str) -> str:
+def base_identity(preset: str, parts: tuple[str, ...] = ()) -> str:
     """'tiny' (built from code); 'synth:<digest of its SHA256SUMS>' (which lists every file's sha256); for a
     diffusers folder 'folder:<digest>' over the text of its JSON and tokenizer files and the names and sizes of its
     weight files. Weights changed in place with the same sizes are not seen there: hashing tens of GB at every
-    start would cost minutes."""
+    start would cost minutes. `parts` (subfolders such as vae, text_encoder) limits the digest to them: what encoded
+    latents depend on, which a retrained transformer leaves valid."""
+    def kept(name: str) -> bool:
+        return not parts or name.split("/", 1)[0] in parts
+
     if preset == "tiny":
         return "tiny"
     if preset == "synth":
@@ -27,18 +32,19 @@ def base_identity(preset: str) -> str:
         if not manifest.is_file():
             raise ValueError(f"synth base {SYNTH_DIR} has no {SYNTH_MANIFEST}: it is missing or incomplete (make it "
                              f"with launch/pretrain_base.py)")
-        return f"synth:{_short(manifest.read_text())}"
+        lines = [l for l in manifest.read_text().splitlines(keepends=True) if kept(l.partition("  ")[2])]
+        return f"synth:{_short(''.join(lines))}"
     folder = Path(preset)
     if not folder.is_dir():
         raise ValueError(f"model preset {preset!r} is neither 'tiny', 'synth' nor an existing folder")
-    parts = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    lines = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and kept(p.relative_to(folder).as_posix())):
         name = path.relative_to(folder).as_posix()
         if path.suffix in _WEIGHT_SUFFIXES:
-            parts.append(f"{name} {path.stat().st_size}")
+            lines.append(f"{name} {path.stat().st_size}")
         elif path.suffix in (".json", ".txt", ".model"):
-            parts.append(f"{name} {hashlib.sha256(path.read_bytes()).hexdigest()}")
-    return f"folder:{_short(chr(10).join(parts))}"
+            lines.append(f"{name} {hashlib.sha256(path.read_bytes()).hexdigest()}")
+    return f"folder:{_short(chr(10).join(lines))}"
 
 
 def describe_mismatch(what: str, recorded: str, preset: str, current: str) -> str:

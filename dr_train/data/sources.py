@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dr_train.base_identity import ENCODER_PARTS, base_identity
 from dr_train.catalog import Relation
 from dr_train.config import Config
 from dr_train.data import world
@@ -69,8 +70,9 @@ def synthetic_prepare_config(cfg: Config):
 def synthetic_dataset_dir(cfg: Config) -> Path:
     d = cfg.data
     seed = WORLD_EXEMPLAR_SEED if cfg.model.preset == "synth" else cfg.train.seed
-    key = json.dumps([cfg.model.preset, cfg.model.max_text_tokens, d.videos_per_relation,
-                      *synthetic_latent_size(cfg), seed, VERSION, patterns_digest()])
+    # the encoders' identity, not the preset's name: a retrained synth VAE or T5 makes other latents
+    key = json.dumps([base_identity(cfg.model.preset, ENCODER_PARTS), cfg.model.max_text_tokens,
+                      d.videos_per_relation, *synthetic_latent_size(cfg), seed, VERSION, patterns_digest()])
     return Path(d.cache_dir) / f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
