@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+PRESETS = ("tiny", "synth")                                 # the bases built into dr-train
 SYNTH_DIR = Path(__file__).resolve().parent / "model" / "synth_base"
 SYNTH_MANIFEST = "SHA256SUMS"
 ENCODER_PARTS = ("vae", "text_encoder", "tokenizer")        # what encoded latents and text embeddings depend on

@@ -24,6 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dr_train import __version__
+from dr_train.base_identity import PRESETS
 from dr_train.catalog import catalog_for
 from dr_train.checkpoint import list_checkpoints, load_checkpoint
 from dr_train.cli import one_line_errors
@@ -158,7 +159,7 @@ def validation_keyframes(relation_dir: Path, step: int | None = None) -> list[Pa
 
 
 def _loading_code(base: str, folder: Path, prompt: str) -> str:
-    if base in ("tiny", "synth"):
+    if base in PRESETS:
         load = (f"from dr_train.model import load_mochi\n\n"
                 f"pipe = load_mochi({base!r}).pipeline()           # the dr-train preset this LoRA was trained on")
     else:
@@ -174,7 +175,7 @@ def model_card(meta: dict[str, str], files: dict[str, str], out_dir: Path, card:
     and ComfyUI, training settings, and a 'Validation keyframes' section when `card['images']` is non-empty."""
     relation, prompt = meta.get("relation", "relation"), meta.get("prompt", "")
     base = meta.get("base_model", HUB_BASE_MODEL)
-    hub_base = card.get("base_model") or (HUB_BASE_MODEL if base in ("tiny", "synth") or Path(base).exists()
+    hub_base = card.get("base_model") or (HUB_BASE_MODEL if base in PRESETS or Path(base).exists()
                                           else base)
     front = {"base_model": hub_base, "library_name": "diffusers", "tags": TAGS, "instance_prompt": prompt,
              "pipeline_tag": "text-to-video"}
@@ -184,7 +185,7 @@ def model_card(meta: dict[str, str], files: dict[str, str], out_dir: Path, card:
              f"into one LoRA, scale 1). Trigger prompt: `{prompt}` (the relation is what was learned: the "
              f"subjects in the prompt can be changed).",
              "", f"Trained on base `{base}` (transformer config sha256 `{meta['base_model_config_sha256']}`)"
-             + ("; that is a dr-train preset, not the Mochi-1 weights." if base in ("tiny", "synth") else "."), ""]
+             + ("; that is a dr-train preset, not the Mochi-1 weights." if base in PRESETS else "."), ""]
     if "diffusers" in files:
         lines += ["## diffusers", "", "```python", _loading_code(base, out_dir, prompt), "```", ""]
     if "comfyui" in files:

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dr_train import fanout
-from dr_train.base_identity import base_identity
+from dr_train.base_identity import PRESETS, base_identity
 from dr_train.catalog import catalog_for
 from dr_train.cli import one_line_errors
 from dr_train.config import ModelConfig, load_config
@@ -44,7 +44,6 @@ from dr_train.geometry import check_frames, check_size
 from dr_train.io import atomic_path, atomic_write_text, read_json, sha256_file
 from dr_train.lora_formats import LoraFile, applied_lora_tensors, match_lora, read_lora_file
 from dr_train.model import load_mochi
-from dr_train.model.loading import PRESETS
 from dr_train.orchestrate import records
 from dr_train.plots import keyframe_grid
 from dr_train.run_folder import LORA_FILE, RelationFolder
@@ -332,11 +331,12 @@ class _Generator:
 
     def __init__(self, preset: str, vae_tiling: bool, batch_size: int = 1):
         self.preset, self.vae_tiling, self.batch_size = preset, vae_tiling, batch_size
+        self.base_model, self.base = base_model_name(preset), base_identity(preset)
         self.comps = self.pipe = None
 
     def run(self, out: Path, settings: SamplerSettings, lora: str | None, items: list[GenerationItem],
             progress) -> int:
-        base_model, base = base_model_name(self.preset), base_identity(self.preset)
+        base_model, base = self.base_model, self.base
         pending = [i for i in items if not item_complete(out, i, i.request(base_model, base, settings))]
         for item in items:
             if item not in pending:

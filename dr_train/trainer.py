@@ -682,7 +682,7 @@ def train(cfg: Config) -> list[dict]:
         comps.block_swap = prepare_frozen_base(comps.transformer, cfg.model, cfg.lora, dist.device)
         validator = None
         if dataset is not None:
-            check_dataset_matches_model(dataset, comps.transformer)
+            check_dataset_matches_model(dataset, comps.transformer, cfg.model.preset)
             if validate:
                 video = load_manifest(dataset)["video"]
                 validator = Validator(cfg, comps, (video["frames"], video["height"], video["width"]), dist)

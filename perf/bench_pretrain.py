@@ -75,10 +75,11 @@ def main() -> None:
                      "samples_per_second": round(cfg.vae.batch_size / seconds, 3), **common})
     with tempfile.TemporaryDirectory() as tmp:
         fake_corpus(Path(tmp), cfg, 512)
-        stage = TransformerStage(cfg, Path(tmp))
+        stage, t = TransformerStage(cfg, Path(tmp)), cfg.transformer
         seconds = timed(stage.train_step, args.steps, args.warmup)
         rows.append({"stage": "transformer", "precision": "fp32", "batch": cfg.transformer.batch_size,
-                     "clip": "latent 12x5x8x8", "seconds_per_step": round(seconds, 4),
+                     "clip": f"latent 12x5x8x8, {t.layers} blocks x {t.heads} heads x {t.head_dim}",
+                     "seconds_per_step": round(seconds, 4),
                      "samples_per_second": round(cfg.transformer.batch_size / seconds, 3), **common})
         vae = synth_vae(1).eval()
         started = time.perf_counter()

@@ -179,3 +179,34 @@ def test_grounding_sam_masks_when_a_clip_has_no_mask_folder(tmp_path, encoder):
         for sample in shard_io.read_shard(tmp_path / "ds" / shard["name"]):
             assert sample.meta["mask_source"] == "grounding_sam"
             assert sample.mask_subject1.shape == (2, 4, 6)
+
+
+def test_a_dataset_records_its_encoders_and_older_datasets_are_kept_not_encoded_again(tmp_path, encoder):
+    import copy
+    from types import SimpleNamespace
+
+    from dr_train.data.sources import check_dataset_matches_model
+
+    jobs = discover_videos([_videos(tmp_path / "videos", count=2)], load_catalog(), "folders")
+    cfg = _cfg()
+    assert encoder.identity()["base"] == "tiny"
+    older = copy.copy(encoder)
+    older.base = None                                    # what versions before encoder identities wrote
+    prepare_dataset(tmp_path / "old", jobs, cfg, older)
+    again = prepare_dataset(tmp_path / "old", jobs, cfg, encoder)
+    assert (again["shards_built"], again["shards_kept"]) == (0, 1)
+    assert "base" not in shard_io.load_manifest(tmp_path / "old")["encoder"]
+    identity = encoder.identity()
+    transformer = SimpleNamespace(config=SimpleNamespace(in_channels=identity["latent_channels"],
+                                                         text_embed_dim=identity["text_dim"]))
+    check_dataset_matches_model(tmp_path / "old", transformer, "tiny")
+
+    retrained = copy.copy(encoder)
+    retrained.base = "synth:0123456789abcdef"           # same preset name and shapes, other VAE weights
+    prepare_dataset(tmp_path / "new", jobs, cfg, retrained)
+    assert shard_io.load_manifest(tmp_path / "new")["encoder"]["base"] == "synth:0123456789abcdef"
+    with pytest.raises(ValueError, match="was prepared with encoder"):
+        prepare_dataset(tmp_path / "new", jobs, cfg, encoder)
+    with pytest.raises(ValueError, match=r"new was encoded by the VAE and T5 of base synth:0123456789abcdef .*"
+                                         r"model.preset 'tiny' has encoders tiny"):
+        check_dataset_matches_model(tmp_path / "new", transformer, "tiny")

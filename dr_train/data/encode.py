@@ -16,9 +16,10 @@ class ClipEncoder:
     """VAE + T5 on one device; prompt embeddings are cached per prompt."""
 
     def __init__(self, vae, text_encoder, tokenizer, max_text_tokens: int, source: str,
-                 device: torch.device | str = "cpu", vae_tiling: bool = False):
+                 device: torch.device | str = "cpu", vae_tiling: bool = False, base: str | None = None):
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.max_text_tokens, self.source, self.device = max_text_tokens, source, torch.device(device)
+        self.base = base                # dr_train.base_identity of the VAE, T5 and tokenizer, where known
         self.vae.to(self.device).eval()
         self.text_encoder.to(self.device).eval()
         if vae_tiling:
@@ -33,10 +34,14 @@ class ClipEncoder:
         self._text_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def identity(self) -> dict:
-        """What a dataset's tensors depend on; the trainer checks it against its model."""
-        return {"model": self.source, "latent_channels": int(self.vae.config.latent_channels),
-                "text_tokens": int(self.max_text_tokens), "text_dim": int(self.text_encoder.config.d_model),
-                "latent_space": "normalised (x - latents_mean) * scaling_factor / latents_std"}
+        """What a dataset's tensors depend on; the trainer checks it against its model. `base` (the encoders'
+        identity) is there when the encoder was made from a preset or folder (`make_encoder`)."""
+        identity = {"model": self.source, "latent_channels": int(self.vae.config.latent_channels),
+                    "text_tokens": int(self.max_text_tokens), "text_dim": int(self.text_encoder.config.d_model),
+                    "latent_space": "normalised (x - latents_mean) * scaling_factor / latents_std"}
+        if self.base is not None:
+            identity["base"] = self.base
+        return identity
 
     def encode_video(self, frames_FHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (F, H, W, 3) -> (mean, logvar), float32 (C, F', H/8, W/8) in the normalised latent space."""

@@ -356,7 +356,7 @@ def prepare_dataset(out: str | Path, jobs: list[VideoJob], cfg: PrepareConfig, e
     video = {"frames": cfg.frames, "height": cfg.height, "width": cfg.width, "fps": cfg.fps}
     summary = {"dataset": str(out), "shards_built": 0, "shards_kept": 0, "samples": 0, "skipped": []}
     with dataset_lock(out):
-        manifest = _open_manifest(out, identity, video)
+        manifest, identity = _open_manifest(out, identity, video)
         null_embed, null_mask = encoder.encode_text("")
         manifest["null_text"] = shard_io.NULL_TEXT
         manifest["null_text_sha256"] = shard_io.save_null_text(out, null_embed, null_mask)
@@ -402,18 +402,25 @@ def prepare_dataset(out: str | Path, jobs: list[VideoJob], cfg: PrepareConfig, e
     return summary
 
 
-def _open_manifest(out: Path, identity: dict, video: dict) -> dict:
-    """The dataset's manifest (a new one when there is none), checked to match this run's encoder and clips."""
+def _open_manifest(out: Path, identity: dict, video: dict) -> tuple[dict, dict]:
+    """The dataset's manifest (a new one when there is none), checked to match this run's encoder and clips, and the
+    encoder identity its fingerprints use: a manifest from before encoders were identified (no `base`) is taken as
+    made by this run's encoders and keeps its own identity, so its shards are not encoded again."""
     try:
         manifest = shard_io.load_manifest(out)
     except ValueError:
         if shard_io.manifest_path(out).exists():
             raise
         manifest = shard_io.new_manifest(identity, video)
-    if manifest["encoder"] != identity or manifest["video"] != video:
-        raise ValueError(f"dataset {out} was prepared with encoder {manifest['encoder']} and clips "
+    recorded = manifest["encoder"]
+    if "base" not in recorded and "base" in identity and recorded == {k: v for k, v in identity.items() if k != "base"}:
+        log.warning("dataset %s records no encoder identity (prepared by an older version): taken as encoded by "
+                    "%s's VAE and T5 (%s)", out, identity["model"], identity["base"])
+        identity = recorded
+    if recorded != identity or manifest["video"] != video:
+        raise ValueError(f"dataset {out} was prepared with encoder {recorded} and clips "
                          f"{manifest['video']}; this run uses {identity} and {video}: choose another folder")
-    return manifest
+    return manifest, identity
 
 
 def _skip_key(entry: dict, skip: dict) -> str:

@@ -30,7 +30,7 @@ def make_encoder(cfg: Config, device: torch.device | str | None = None) -> ClipE
     comps = load_mochi(cfg.model.preset, cfg.model.dtype, max_text_tokens=cfg.model.max_text_tokens,
                        parts=("vae", "text_encoder"))
     return ClipEncoder(comps.vae, comps.text_encoder, comps.tokenizer, comps.max_text_tokens, comps.source, device,
-                       vae_tiling=cfg.prepare.vae_tiling)
+                       vae_tiling=cfg.prepare.vae_tiling, base=base_identity(cfg.model.preset, ENCODER_PARTS))
 
 
 # clip size (latent frames, height, width) of the built-in synthetic data when data.latent_* are 0
@@ -112,9 +112,16 @@ def resolve_dataset(cfg: Config, relations: list[Relation]) -> Path:
     return root
 
 
-def check_dataset_matches_model(root: Path, transformer) -> None:
-    """The dataset's latent channels and text embedding width must be what the transformer takes."""
+def check_dataset_matches_model(root: Path, transformer, preset: str) -> None:
+    """The dataset's latent channels and text embedding width must be what the transformer takes, and its latents
+    and text embeddings must come from `preset`'s VAE and T5 (datasets prepared before encoders were identified
+    record no `base` and are taken as made by them)."""
     enc = load_manifest(root)["encoder"]
+    base = base_identity(preset, ENCODER_PARTS)
+    if enc.get("base", base) != base:
+        raise ValueError(f"dataset {root} was encoded by the VAE and T5 of base {enc['base']} ({enc['model']}); "
+                         f"model.preset {preset!r} has encoders {base}: prepare the videos again into another "
+                         f"folder with this model.preset")
     cfg = transformer.config
     if int(enc["latent_channels"]) != int(cfg.in_channels) or int(enc["text_dim"]) != int(cfg.text_embed_dim):
         raise ValueError(f"dataset {root} holds {enc['latent_channels']}-channel latents and {enc['text_dim']}-wide "

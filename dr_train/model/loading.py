@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 from transformers import T5EncoderModel, T5TokenizerFast
 
-from dr_train.base_identity import base_identity
+from dr_train.base_identity import PRESETS, base_identity
 from dr_train.model import presets, synth
 from dr_train.model.attention import set_attention_backend
 
@@ -35,9 +35,6 @@ class MochiComponents:
     def pipeline(self) -> MochiPipeline:
         return MochiPipeline(scheduler=self.scheduler, vae=self.vae, text_encoder=self.text_encoder,
                              tokenizer=self.tokenizer, transformer=self.transformer)
-
-
-PRESETS = ("tiny", "synth")
 
 
 def resolve_dtype(preset: str, dtype: str) -> torch.dtype:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from dr_train import fanout
-from dr_train.base_identity import base_identity
+from dr_train.base_identity import PRESETS, base_identity
 from dr_train.catalog import catalog_for, select_relations
 from dr_train.config import Config
 from dr_train.orchestrate import plan as planning, records, results as res_mod, worker
@@ -74,7 +74,7 @@ def absolute_paths(cfg: Config) -> Config:
     if d.source != "synthetic":
         d.source = str(Path(d.source).expanduser().resolve())
     d.cache_dir = str(Path(d.cache_dir).expanduser().resolve())
-    if cfg.model.preset not in ("tiny", "synth") and Path(cfg.model.preset).expanduser().exists():
+    if cfg.model.preset not in PRESETS and Path(cfg.model.preset).expanduser().exists():
         cfg.model.preset = str(Path(cfg.model.preset).expanduser().resolve())
     return cfg
 
@@ -207,7 +207,7 @@ def run_relations(cfg: Config, opts: RayOptions, out: TextIO | None = None) -> R
     storage.mkdir(parents=True, exist_ok=True)
     with RunLock.acquire(storage / ".submit.lock", what=f"storage folder {storage} (one submission at a time: "
                                                          f"or choose another --storage)"):
-        if cfg.model.preset in ("tiny", "synth") or Path(cfg.model.preset).is_dir():    # else only the workers see it
+        if cfg.model.preset in PRESETS or Path(cfg.model.preset).is_dir():    # else only the workers see it
             base = base_identity(cfg.model.preset)
             for n in names:
                 records.check_finished_base(records.relation_dir(storage, n), cfg.model.preset, base)
