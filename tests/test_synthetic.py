@@ -87,3 +87,20 @@ def test_the_dataset_cache_is_rendered_again_when_a_pattern_changes(tmp_path, mo
     assert synthetic_dataset_dir(small_config(tmp_path)) == before
     monkeypatch.setitem(PATTERNS, "high_five", {**PATTERNS["high_five"], "x1": 0.3})
     assert synthetic_dataset_dir(cfg) != before
+
+
+def test_the_dataset_cache_grows_by_the_relations_a_run_adds_without_warning_about_the_others(tmp_path, caplog):
+    from conftest import small_config
+    from dr_train.data.shards import load_manifest
+    from dr_train.data.sources import resolve_dataset
+
+    cfg = small_config(tmp_path, **{"data.cache_dir": str(tmp_path / "cache"), "data.videos_per_relation": 2})
+    catalog = load_catalog()
+    root = resolve_dataset(cfg, [catalog["hugging"]])
+    first = load_manifest(root)["shards"]
+    with caplog.at_level("WARNING", logger="dr_train"):
+        assert resolve_dataset(cfg, [catalog["kicking"]]) == root
+    manifest = load_manifest(root)
+    assert {r: v["samples"] for r, v in manifest["relations"].items()} == {"hugging": 2, "kicking": 2}
+    assert [s for s in manifest["shards"] if s["relation"] == "hugging"] == first      # kept, not rebuilt
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dr_train.base_identity import ENCODER_PARTS, base_identity
-from dr_train.catalog import Relation
+from dr_train.catalog import Relation, catalog_for
 from dr_train.config import Config
 from dr_train.data import world
 from dr_train.data.encode import ClipEncoder
@@ -92,7 +92,7 @@ def ensure_synthetic_dataset(cfg: Config, relations: list[Relation]) -> Path:
     videos = write_synthetic_videos(root / "videos", missing, cfg.data.videos_per_relation, prep.frames,
                                     prep.height, prep.width, fps=prep.fps, seed=cfg.train.seed,
                                     render=synthetic_renderer(cfg))
-    catalog = {r.name: r for r in relations}
+    catalog = {**catalog_for(cfg), **{r.name: r for r in relations}}    # earlier runs' folders are relations too
     jobs = discover_videos([videos], catalog, "folders", relations=missing)
     prepare_dataset(root, jobs, prep, make_encoder(cfg, "cpu"))
     return root
