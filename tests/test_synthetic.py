@@ -104,3 +104,17 @@ def test_the_dataset_cache_grows_by_the_relations_a_run_adds_without_warning_abo
     assert {r: v["samples"] for r, v in manifest["relations"].items()} == {"hugging": 2, "kicking": 2}
     assert [s for s in manifest["shards"] if s["relation"] == "hugging"] == first      # kept, not rebuilt
     assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
+def test_the_dataset_cache_is_rendered_again_when_the_worlds_looks_change(tmp_path, monkeypatch):
+    """The synth preset's exemplars come from the world renderer: a thicker arm is another clip, another cache."""
+    from conftest import small_config
+    from dr_train.data import world
+    from dr_train.data.sources import synthetic_dataset_dir
+
+    cfg = small_config(tmp_path, **{"model.preset": "synth"})
+    before = synthetic_dataset_dir(cfg)
+    monkeypatch.setattr(world, "_ARM_THICKNESS", world._ARM_THICKNESS * 1.5)
+    assert synthetic_dataset_dir(cfg) != before
+    monkeypatch.undo()
+    assert synthetic_dataset_dir(cfg) == before

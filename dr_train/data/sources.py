@@ -67,12 +67,29 @@ def synthetic_prepare_config(cfg: Config):
     return prep
 
 
+RENDERER_PROBES = ("handshaking", "walking_apart", "hugging")     # clips whose pixels fingerprint the renderer
+
+
+def renderer_digest(cfg: Config) -> str:
+    """A digest of what the synthetic renderer draws at the cache's clip size (one clip of each RENDERER_PROBES
+    relation, pixels and masks): part of the cache's key, so that clips rendered before the renderer, a kind's look
+    or the world's tracks changed are not reused. Milliseconds."""
+    prep, render = synthetic_prepare_config(cfg), synthetic_renderer(cfg)
+    h = hashlib.sha256()
+    for relation in RENDERER_PROBES:
+        clip = render(relation, 0, prep.frames, prep.height, prep.width, cfg.train.seed)
+        h.update(clip.frames.tobytes())
+        h.update(clip.masks.tobytes())
+    return h.hexdigest()[:12]
+
+
 def synthetic_dataset_dir(cfg: Config) -> Path:
     d = cfg.data
     seed = WORLD_EXEMPLAR_SEED if cfg.model.preset == "synth" else cfg.train.seed
     # the encoders' identity, not the preset's name: a retrained synth VAE or T5 makes other latents
     key = json.dumps([base_identity(cfg.model.preset, ENCODER_PARTS), cfg.model.max_text_tokens,
-                      d.videos_per_relation, *synthetic_latent_size(cfg), seed, VERSION, patterns_digest()])
+                      d.videos_per_relation, *synthetic_latent_size(cfg), seed, VERSION, patterns_digest(),
+                      renderer_digest(cfg)])
     return Path(d.cache_dir) / f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
