@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dr_train.cli import build_parser as train_parser, config_from_args
 from dr_train.eval.evaluate import evaluate_run
-from dr_train.eval.report import KIND_LABEL, WORLD_COLUMNS, build_report, format_interval
+from dr_train.eval.report import KIND_LABEL, WORLD_COLUMNS, build_report, format_interval, world_verdict
 from dr_train.generate import generate_batch
 from dr_train.runtime import quiet_library_noise
 from dr_train.trainer import train
@@ -61,7 +61,7 @@ def run_demo(cfg, num_prompts: int, seeds: list[int], steps: int, guidance_scale
     phase("generate")
     metrics = evaluate_run(run_dir, fvd=False)
     phase("evaluate")
-    paths = build_report(run_dir, out_dir=run_dir, title="dr-train demo: relations learned on the synth base")
+    paths = build_report(run_dir, out_dir=run_dir, title="dr-train demo: relation LoRAs trained on the synth base, against the base model")
     phase("report")
     return {"results": results, "metrics": metrics, "report": paths, "phases": phases}
 
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(out["metrics"]))
+    verdict = world_verdict(out["metrics"]["rows"])
+    if verdict is not None:
+        print(verdict)
     print(f"report: {out['report']['html']} and {out['report']['markdown']}")
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in out["phases"].items()))
     print(json.dumps({r["relation"]: r.get("lora") for r in out["results"]}, indent=1))

@@ -119,3 +119,22 @@ def test_cli_evaluates_existing_videos_and_says_what_was_not_computed(evaluated,
     for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / rel).is_file(), rel
     assert module.main([str(evaluated["run"] / "nothing"), "--no-generate"]) == 2
+
+
+def test_the_verdict_says_whether_the_loras_beat_the_base_model_and_by_what_counts():
+    from dr_train.eval.report import world_verdict
+
+    def rows(lora, base):
+        return [{"relation": "all", "kind": kind, "world": {"relation_accuracy": {"mean": m, "ci_low": lo,
+                                                                                     "ci_high": hi, "n": 16}}}
+                for kind, (m, lo, hi) in (("lora", lora), ("base", base))] + \
+               [{"relation": "hugging", "kind": "lora", "world": {"relation_accuracy": {"mean": 1.0, "ci_low": 1.0,
+                                                                                       "ci_high": 1.0, "n": 8}}}]
+
+    apart = world_verdict(rows((0.75, 0.5, 0.9375), (0.0625, 0.0, 0.1875)))
+    assert apart.startswith("Relation learned and carried over") and "relation LoRAs 12 of 16, base model 1 of 16" in apart
+    overlap = world_verdict(rows((0.25, 0.0625, 0.4375), (0.0625, 0.0, 0.1875)))
+    assert overlap.startswith("Above the base model, not yet shown") and "4 of 16" in overlap
+    below = world_verdict(rows((0.0, 0.0, 0.0), (0.0625, 0.0, 0.1875)))
+    assert below.startswith("Relation not carried over") and "relation LoRAs 0 of 16, base model 1 of 16" in below
+    assert world_verdict(rows((0.5, 0.2, 0.8), (0.1, 0.0, 0.2))[:1]) is None            # no base row: nothing said

@@ -2,6 +2,7 @@
 smallest on it (train a relation, generate, judge, report), plus the demo's console output."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,7 @@ def test_whole_loop_at_its_smallest_on_the_shipped_base(tmp_path):
         assert world["temporal_consistency"]["n"] == 1 and 0 < world["temporal_consistency"]["mean"] <= 1
     html = (tmp_path / "runs" / "report.html").read_text()
     assert "Synth world metrics" in html and "relation accuracy" in html
+    assert re.search(r"videos judged the trained relation: relation LoRAs \d of 1, base model \d of 1", html)
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "handshaking" / "metrics.jsonl").read_text()
                .splitlines()]
     assert metrics[-1]["validation_relation_accuracy"] is not None
@@ -102,6 +104,7 @@ def test_demo_console_has_a_table_and_no_per_step_lines_or_library_warnings(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     assert "relation accuracy" in proc.stdout and "report:" in proc.stdout
+    assert re.search(r"judged the trained relation: relation LoRAs \d of 1, base model \d of 1", proc.stdout)
     assert "Warning" not in console and "warn(" not in console, console[-3000:]
     lines = [l for l in console.replace("\r", "\n").splitlines() if " INFO " in l]
     assert not [l for l in lines if "step 1" in l or "step 2" in l], lines        # no per-step log lines

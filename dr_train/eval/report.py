@@ -204,6 +204,23 @@ def world_cells(row: dict) -> list[str]:
     return [format_interval((row.get("world") or {}).get(key)) for key, _ in WORLD_COLUMNS]
 
 
+def world_verdict(rows: list[dict]) -> str | None:
+    """One sentence on whether the relation LoRAs beat the base model on relation accuracy over all relations (the
+    world judge's counts and 95 % intervals), or None without both rows."""
+    found = {r["kind"]: (r.get("world") or {}).get("relation_accuracy") for r in rows if r["relation"] == ALL}
+    lora, base = found.get("lora"), found.get("base")
+    if not lora or not base or lora.get("mean") is None or base.get("mean") is None:
+        return None
+    counts = (f"videos judged the trained relation: relation LoRAs {round(lora['mean'] * lora['n'])} of {lora['n']}, "
+              f"base model {round(base['mean'] * base['n'])} of {base['n']}")
+    if lora["ci_low"] > base["ci_high"]:
+        return f"Relation learned and carried over to the prompted subjects: {counts} (95 % intervals apart)."
+    if lora["mean"] > base["mean"]:
+        return f"Above the base model, not yet shown: {counts}; the 95 % intervals overlap."
+    return (f"Relation not carried over to the prompted subjects: {counts}. docs/synth.md records where the method "
+            f"stands on the synth base.")
+
+
 # ------------------------------------------------------------------------------------------ pictures
 
 def exemplar_frames(run_dir: Path, relation: str) -> np.ndarray | None:
@@ -373,7 +390,7 @@ def build_report(run_dir: str | Path, metrics_path: str | Path | None = None, ou
                      "end; they say nothing about the method and are not comparable with the paper's.")
     elif model == "synth":
         notes.append("**Synth base** (docs/synth.md): a small Mochi-architecture model pretrained here on the synth "
-                     "world, which never saw a relation; the LoRAs learned the relation from `person` exemplars, and "
+                     "world, which never saw a relation; the LoRAs were trained on the relation from `person` exemplars, and "
                      "the prompts ask for it between other kinds. The world's judges score every video.")
     notes += [f"Sampler: {metrics['sampler']}, {gen['steps']} steps, CFG {gen['guidance_scale']:g}, "
               f"{gen['num_frames']} frames x {gen['height']} x {gen['width']} at {gen['fps']} fps",
@@ -394,6 +411,9 @@ def build_report(run_dir: str | Path, metrics_path: str | Path | None = None, ou
               "video (dr_train.eval.world_scores); mean and 95 % bootstrap interval over the videos (prompts x "
               "seeds). Chance relation accuracy is 1/26 = 0.038.")
         head = ["relation", "model", "videos"] + [label for _, label in WORLD_COLUMNS]
+        verdict = world_verdict(rows)
+        if verdict is not None:
+            doc.p(f"**{verdict}**")
         doc.table(head, [[r["relation"], KIND_LABEL[r["kind"]], r["videos"], *world_cells(r)] for r in rows
                          if r.get("world")])
 
