@@ -61,7 +61,8 @@ def run_demo(cfg, num_prompts: int, seeds: list[int], steps: int, guidance_scale
     phase("generate")
     metrics = evaluate_run(run_dir, fvd=False)
     phase("evaluate")
-    paths = build_report(run_dir, out_dir=run_dir, title="dr-train demo: relation LoRAs trained on the synth base, against the base model")
+    paths = build_report(run_dir, out_dir=run_dir,
+                         title="dr-train demo: relation LoRAs trained on the synth base, against the base model")
     phase("report")
     return {"results": results, "metrics": metrics, "report": paths, "phases": phases}
 

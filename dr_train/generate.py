@@ -399,8 +399,9 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
     (see `relation_prompts`), the first `num_prompts` of them. preset: the base model (default: the one the run
     trained on). steps / guidance_scale / batch_size: default to the preset's sampler (synth: 32 steps, CFG 5.0, 8
     videos at a time; otherwise the paper's 64 steps, CFG 6.0, one at a time). num_frames / height / width: default
-    to the run's training clip size (61 x 480 x 848 when its dataset manifest is not found). use_ray: with Ray and GPUs, one task per relation on its own GPU; otherwise
-    (and on CPU) the groups run one after another in this process. include_lora=False makes only the base model's
+    to the run's training clip size (61 x 480 x 848 when its dataset manifest is not found). use_ray: with Ray and
+    GPUs, one task per relation on its own GPU; otherwise (and on CPU) the groups run one after another in this
+    process. include_lora=False makes only the base model's
     videos. batch_size: videos sampled together (each from its own seeded noise; more is faster where memory
     allows). Returns the index (with `generated` and `skipped` counts of this call).
     """

@@ -132,7 +132,8 @@ def test_the_verdict_says_whether_the_loras_beat_the_base_model_and_by_what_coun
                                                                                        "ci_high": 1.0, "n": 8}}}]
 
     apart = world_verdict(rows((0.75, 0.5, 0.9375), (0.0625, 0.0, 0.1875)))
-    assert apart.startswith("Relation learned and carried over") and "relation LoRAs 12 of 16, base model 1 of 16" in apart
+    assert apart.startswith("Relation learned and carried over")
+    assert "relation LoRAs 12 of 16, base model 1 of 16" in apart
     overlap = world_verdict(rows((0.25, 0.0625, 0.4375), (0.0625, 0.0, 0.1875)))
     assert overlap.startswith("Above the base model, not yet shown") and "4 of 16" in overlap
     below = world_verdict(rows((0.0, 0.0, 0.0), (0.0625, 0.0, 0.1875)))

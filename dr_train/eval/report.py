@@ -390,8 +390,9 @@ def build_report(run_dir: str | Path, metrics_path: str | Path | None = None, ou
                      "end; they say nothing about the method and are not comparable with the paper's.")
     elif model == "synth":
         notes.append("**Synth base** (docs/synth.md): a small Mochi-architecture model pretrained here on the synth "
-                     "world, which never saw a relation; the LoRAs were trained on the relation from `person` exemplars, and "
-                     "the prompts ask for it between other kinds. The world's judges score every video.")
+                     "world, which never saw a relation; the LoRAs were trained on the relation from `person` "
+                     "exemplars, and the prompts ask for it between other kinds. The world's judges score every "
+                     "video.")
     notes += [f"Sampler: {metrics['sampler']}, {gen['steps']} steps, CFG {gen['guidance_scale']:g}, "
               f"{gen['num_frames']} frames x {gen['height']} x {gen['width']} at {gen['fps']} fps",
               f"Videos: {metrics['videos'].get('lora', 0)} with relation LoRAs and {metrics['videos'].get('base', 0)} "
