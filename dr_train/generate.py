@@ -401,9 +401,9 @@ def generate_batch(run_dir: str | Path, relations: Sequence[str] | None = None,
     videos at a time; otherwise the paper's 64 steps, CFG 6.0, one at a time). num_frames / height / width: default
     to the run's training clip size (61 x 480 x 848 when its dataset manifest is not found). use_ray: with Ray and
     GPUs, one task per relation on its own GPU; otherwise (and on CPU) the groups run one after another in this
-    process. include_lora=False makes only the base model's
-    videos. batch_size: videos sampled together (each from its own seeded noise; more is faster where memory
-    allows). Returns the index (with `generated` and `skipped` counts of this call).
+    process. include_lora=False makes only the base model's videos. batch_size: videos sampled together (each from
+    its own seeded noise; more is faster where memory allows). Returns the index (with `generated` and `skipped`
+    counts of this call).
     """
     if not (include_lora or include_base):
         raise ValueError("nothing to generate: include_lora and include_base are both off")
