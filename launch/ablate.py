@@ -10,7 +10,8 @@ variants, and fill one table beside the paper's numbers:
         walking_towards,following,knocking_over --train-seeds 0,1,2 --out runs/ablations_synth     # the synth world
 
 Variants: full, w_o_hmt, w_o_rcl, w_o_relation, w_o_subject, w_o_ffn, relation_v, relation_q, relation_kv, direct,
-hmt_forward_all, export_all (or all, table1, table2, table3, hmt, export). Finished variants are skipped on a re-run.
+hmt_forward_all, export_all, w_o_subject_hmt, w_o_subject_selection, w_o_subject_mask (or all: the first 12; table1,
+table2, table3, hmt, export, decompose). Finished variants are skipped on a re-run.
 On the synth world `<out>/results.json` holds every variant's world metrics with 95 % bootstrap intervals, and
 `<out>/per_relation.md` / `.json` the videos judged right per relation.
 Details: docs/evaluation.md.
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run the Table 2/3 ablations and the direct-LoRA baseline.")
     p.add_argument("--relations", required=True, help="comma list of catalog relations trained by every variant")
     p.add_argument("--variants", default="all",
-                   help="all, table1, table2, table3, hmt, export or a comma list of variant names")
+                   help="all, table1, table2, table3, hmt, export, decompose or a comma list of variant names")
     p.add_argument("--steps", dest="train_steps", type=int,
                    help="training steps of every variant (train.max_steps; default: the config's, and 1000 for "
                         "direct as its config file says)")

@@ -5,7 +5,8 @@ and one table collects the overall relation-LoRA row of every variant beside the
 A variant is only config: a file of `configs/ablations/` and/or `lora.placement` presets (their semantics live in
 `dr_train/method/triplet.py` and docs/method.md). Variants without a relation or an FFN adapter export the inference adapters
 they have (`lora.export_adapters`: ffn alone, relation alone), since the paper's inference uses relation + FFN.
-A finished variant (`<out>/<variant>/ABLATION.json`) is skipped on a re-run with the same settings (the base
+The `decompose` group adds the triplet without subject LoRAs and then HMT's LoRA selection and mask weight one at a
+time, to find where a relation the exported adapters can carry on their own is lost. A finished variant (`<out>/<variant>/ABLATION.json`) is skipped on a re-run with the same settings (the base
 model's identity among them). The base model
 (no LoRA) is generated and evaluated once into `<out>/base/` for a reference row.
 
@@ -97,11 +98,21 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "V", None, ("hmt.forward=all",), ("—", "—", "—", "—")),
     Variant("export_all", ("export",), "full, every adapter kept at inference (relation, subjects, FFN)", "Q, K",
             "V", None, ("lora.export_adapters=[relation,subject1,subject2,ffn]",), ("—", "—", "—", "—")),
+    # Where the triplet loses a relation that its exported adapters (relation + FFN) can carry on their own: w/o
+    # subject LoRAs, then HMT's two parts (the LoRA selection, the mask weight) put back one at a time.
+    Variant("w_o_subject_hmt", ("decompose",), "w/o Subject LoRAs and w/o HMT (every step, mask weight 0)", "Q, K",
+            "—", "w_o_hmt.yaml", ("lora.placement=no_subject",), ("—", "—", "—", "—")),
+    Variant("w_o_subject_selection", ("decompose",), "w/o Subject LoRAs, HMT's mask weight without its LoRA selection",
+            "Q, K", "—", None, ("lora.placement=no_subject", "hmt.enabled=false"), ("—", "—", "—", "—")),
+    Variant("w_o_subject_mask", ("decompose",), "w/o Subject LoRAs, HMT's LoRA selection without its mask weight",
+            "Q, K", "—", None, ("lora.placement=no_subject", "loss.mask_weight=0.0"), ("—", "—", "—", "—")),
 )}
-GROUPS = {"all": list(VARIANTS), "table1": ["full", "direct"],
+GROUPS = {"all": [n for n, v in VARIANTS.items() if "decompose" not in v.tables], "table1": ["full", "direct"],
           "table2": [n for n, v in VARIANTS.items() if "2" in v.tables],
           "table3": [n for n, v in VARIANTS.items() if "3" in v.tables],
-          "hmt": ["full", "hmt_forward_all"], "export": ["full", "export_all"]}
+          "hmt": ["full", "hmt_forward_all"], "export": ["full", "export_all"],
+          "decompose": ["full", "w_o_subject", "w_o_hmt", "direct"]
+          + [n for n, v in VARIANTS.items() if "decompose" in v.tables]}
 PAPER_BASE = ("Mochi (base model)", "0.2623±0.04", "0.3237", "0.9888", "2047.37")
 OURS = (("vlm_relation_accuracy", "RelAcc (VLM)"), ("judge_accuracy", "Judge acc."), ("clip_t", "CLIP-T"),
         ("temporal_consistency", "TempCons"), ("fvd", "FVD"))
@@ -304,7 +315,8 @@ def write_table(out: Path, records: dict[str, dict], base: dict | None = None) -
                 ("Table 3: where the relation LoRA goes", "3", ["variant", "relation_lora", "subject_lora"]),
                 ("Baselines (Table 1)", "1", ["variant", "label"]),
                 ("Which adapters run in a step (hmt.forward)", "hmt", ["variant", "label"]),
-                ("Which adapters the inference LoRA keeps (lora.export_adapters)", "export", ["variant", "label"])]
+                ("Which adapters the inference LoRA keeps (lora.export_adapters)", "export", ["variant", "label"]),
+                ("Without subject LoRAs, HMT's parts one at a time", "decompose", ["variant", "label"])]
     for title, table, keys in sections:
         chosen = [r for r in rows if table in r["paper_tables"].split(",")]
         if not chosen:
