@@ -85,6 +85,9 @@ class HMTConfig:
     forward: str = opt("selected", "adapters in a step's forward pass: selected (those the step updates: relation "
                                    "runs relation+subjects+ffn, subject k runs subject k+ffn; the official code) "
                                    "or all (every adapter runs, the unselected ones frozen)")
+    relation_step_subjects: str = opt("train", "what a relation step does with the subject LoRAs: train (the paper "
+                                               "and the official code: updated beside relation + ffn) or frozen "
+                                               "(they run, for appearance cues, but only relation + ffn are updated)")
 
 
 @dataclass
@@ -386,7 +389,8 @@ def check_ranges(cfg) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type cannot express."""
     choices = {"loss.mode": ("paper", "official"), "loss.rcl_variant": ("paper", "official"),
-               "hmt.forward": ("selected", "all"), "optim.frozen_adapters": ("skip", "zero_grad")}
+               "hmt.forward": ("selected", "all"), "hmt.relation_step_subjects": ("train", "frozen"),
+               "optim.frozen_adapters": ("skip", "zero_grad")}
     for name, allowed in choices.items():
         section, option = name.split(".")
         if getattr(getattr(cfg, section), option) not in allowed:

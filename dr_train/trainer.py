@@ -95,7 +95,8 @@ class RelationRun:
             self.optimizer, lambda s: lr_multiplier(s, o.warmup_steps, horizon, o.schedule, o.min_lr_ratio))
         self.engine = None                  # built on first use, after a resume has loaded the adapters
         self.hmt = HybridMaskTraining(self.adapters, cfg.hmt.probabilities, cfg.hmt.enabled,
-                                      seed=stream_seed(seed, relation.name, "hmt"), forward=cfg.hmt.forward)
+                                      seed=stream_seed(seed, relation.name, "hmt"), forward=cfg.hmt.forward,
+                                      relation_step_subjects=cfg.hmt.relation_step_subjects)
         lo, bank_seed = cfg.loss, stream_seed(seed, relation.name, "bank")
         self.bank = (OfficialMemoryBank(lo.bank_size, lo.negative_bank_frames, lo.n_pos, lo.n_neg, seed=bank_seed)
                      if lo.rcl_variant == "official" else MemoryBank(lo.bank_size, lo.n_pos, lo.n_neg, seed=bank_seed))

@@ -31,14 +31,18 @@ def test_every_variant_is_a_valid_config_with_the_papers_semantics(tmp_path):
     assert select_variants("hmt") == ["full", "hmt_forward_all"]
     assert variant_config("hmt_forward_all", ["a"], tmp_path).hmt.forward == "all"
     assert select_variants("export") == ["full", "export_all"]
-    added = ["w_o_subject_hmt", "w_o_subject_selection", "w_o_subject_mask"]
+    added = ["w_o_subject_hmt", "w_o_subject_selection", "w_o_subject_mask", "frozen_subjects",
+             "frozen_subjects_w_o_mask"]
     assert select_variants("decompose") == ["full", "w_o_hmt", "w_o_subject", "direct", *added]
     assert not set(added) & set(GROUPS["all"])
     parts = {n: variant_config(n, ["a"], tmp_path) for n in added}
     assert {n: (c.lora.placement, c.hmt.enabled, c.loss.mask_weight > 0, c.loss.rcl_weight > 0)
             for n, c in parts.items()} == {"w_o_subject_hmt": ("no_subject", False, False, True),
                                           "w_o_subject_selection": ("no_subject", False, True, True),
-                                          "w_o_subject_mask": ("no_subject", True, False, True)}
+                                          "w_o_subject_mask": ("no_subject", True, False, True),
+                                          "frozen_subjects": ("paper", True, True, True),
+                                          "frozen_subjects_w_o_mask": ("paper", True, False, True)}
+    assert {parts[n].hmt.relation_step_subjects for n in added} == {"train", "frozen"}
     kept = variant_config("export_all", ["a"], tmp_path)
     assert kept.lora.export_adapters == ["relation", "subject1", "subject2", "ffn"] and kept.hmt.enabled
     with pytest.raises(ValueError, match="unknown ablation variant 'w_o_x'"):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import make_run, small_config
@@ -53,6 +54,28 @@ def test_relation_step_changes_all_four(tmp_path):
     assert run.train_step()["adapters_updated"] == ["relation", "subject1", "subject2", "ffn"]
     after = _snapshot(run)
     assert all(not _same(before[a], after[a]) for a in ("relation", "subject1", "subject2", "ffn"))
+
+
+def test_frozen_subjects_run_in_a_relation_step_but_only_relation_and_ffn_change(tmp_path):
+    run = _run(tmp_path / "run", **{"data.caption_dropout": 0.0, "hmt.relation_step_subjects": "frozen"})
+    try:
+        _nonzero_adapters(run)
+        before = _snapshot(run)
+        weights, kwargs, out = _captured_step(run, "relation")
+        after = _snapshot(run)
+        updated = [g["adapter"] for g in run.optimizer.param_groups if g["active"]]
+    finally:
+        run.close()
+    with torch.no_grad():
+        expected = _with_only(weights, ["relation", "subject1", "subject2", "ffn"])(**kwargs)[0]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)     # the subjects' cues are in the step
+    assert updated == ["relation", "ffn"]
+    assert _same(before["subject1"], after["subject1"]) and _same(before["subject2"], after["subject2"])
+    assert not _same(before["relation"], after["relation"]) and not _same(before["ffn"], after["ffn"])
+    hmt = HybridMaskTraining(["relation", "subject1", "subject2", "ffn"], relation_step_subjects="frozen")
+    assert hmt.adapters_to_update("subject2") == ["subject2", "ffn"] == hmt.adapters_to_run("subject2")
+    with pytest.raises(ValueError, match="hmt.relation_step_subjects must be one of train, frozen"):
+        HybridMaskTraining(["relation"], relation_step_subjects="off")
 
 
 def test_disabled_hmt_updates_everything_with_the_relation_mask(tmp_path):

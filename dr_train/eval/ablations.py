@@ -6,8 +6,9 @@ A variant is only config: a file of `configs/ablations/` and/or `lora.placement`
 `dr_train/method/triplet.py` and docs/method.md). Variants without a relation or an FFN adapter export the inference adapters
 they have (`lora.export_adapters`: ffn alone, relation alone), since the paper's inference uses relation + FFN.
 The `decompose` group adds the triplet without subject LoRAs and then HMT's LoRA selection and mask weight one at a
-time, to find where a relation the exported adapters can carry on their own is lost. A finished variant (`<out>/<variant>/ABLATION.json`) is skipped on a re-run with the same settings (the base
-model's identity among them). The base model
+time, to find where a relation the exported adapters can carry on their own is lost, and the triplet with its subject
+LoRAs frozen in relation steps (`hmt.relation_step_subjects`). A finished variant (`<out>/<variant>/ABLATION.json`)
+is skipped on a re-run with the same settings (the base model's identity among them). The base model
 (no LoRA) is generated and evaluated once into `<out>/base/` for a reference row.
 
 With several training seeds (`train_seeds`) each variant is trained once per seed into `<out>/<variant>/seed-<s>/`.
@@ -106,6 +107,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "Q, K", "—", None, ("lora.placement=no_subject", "hmt.enabled=false"), ("—", "—", "—", "—")),
     Variant("w_o_subject_mask", ("decompose",), "w/o Subject LoRAs, HMT's LoRA selection without its mask weight",
             "Q, K", "—", None, ("lora.placement=no_subject", "loss.mask_weight=0.0"), ("—", "—", "—", "—")),
+    # The triplet whole, its subject LoRAs running in relation steps but not updated there (neither reading's).
+    Variant("frozen_subjects", ("decompose",), "full, subject LoRAs frozen in relation steps", "Q, K", "V", None,
+            ("hmt.relation_step_subjects=frozen",), ("—", "—", "—", "—")),
+    Variant("frozen_subjects_w_o_mask", ("decompose",), "full, subject LoRAs frozen in relation steps, mask weight 0",
+            "Q, K", "V", None, ("hmt.relation_step_subjects=frozen", "loss.mask_weight=0.0"),
+            ("—", "—", "—", "—")),
 )}
 GROUPS = {"all": [n for n, v in VARIANTS.items() if "decompose" not in v.tables], "table1": ["full", "direct"],
           "table2": [n for n, v in VARIANTS.items() if "2" in v.tables],

@@ -5,7 +5,10 @@ weights the loss with the relation mask; a subject-k step updates subject k + ff
 
 Which adapters run in the forward pass (`hmt.forward`): `selected` (default, the official trainer) runs exactly the
 adapters the step updates, so a subject LoRA learns its subject's appearance on its own, not as a correction on top
-of the relation LoRA; `all` runs every adapter and only freezes the unselected ones. Frozen adapters get
+of the relation LoRA; `all` runs every adapter and only freezes the unselected ones. With
+`hmt.relation_step_subjects: frozen` (neither the paper's nor the official reading) a relation step still runs the
+subject LoRAs, for their appearance cues, but updates only relation + ffn, so whatever the step learns lands in the
+adapters the inference export keeps. Frozen adapters get
 requires_grad=False before the forward, so their gradients stay None; with `optim.frozen_adapters: skip` AdamW
 leaves them untouched (no step, no moment update, no weight decay), with `zero_grad` they are stepped with zero
 gradients (`HMTAdamW` below).
@@ -29,6 +32,7 @@ UPDATES = {
 }
 ALL = "all"
 FORWARD_MODES = ("selected", "all")
+RELATION_STEP_SUBJECTS = ("train", "frozen")
 
 
 def active_adapters(selection: str, adapters: list[str]) -> list[str]:
@@ -44,10 +48,14 @@ def active_adapters(selection: str, adapters: list[str]) -> list[str]:
 
 class HybridMaskTraining:
     def __init__(self, adapters: list[str], probabilities=(1 / 3, 1 / 3, 1 / 3), enabled: bool = True,
-                 seed: int = 0, forward: str = "selected"):
+                 seed: int = 0, forward: str = "selected", relation_step_subjects: str = "train"):
         if forward not in FORWARD_MODES:
             raise ValueError(f"hmt.forward must be one of {', '.join(FORWARD_MODES)}, got {forward!r}")
+        if relation_step_subjects not in RELATION_STEP_SUBJECTS:
+            raise ValueError(f"hmt.relation_step_subjects must be one of {', '.join(RELATION_STEP_SUBJECTS)}, got "
+                             f"{relation_step_subjects!r}")
         self.adapters = list(adapters)
+        self.frozen_subjects = relation_step_subjects == "frozen"
         self.enabled, self.forward = enabled, forward
         probs = torch.tensor([float(p) for p in probabilities], dtype=torch.float64)
         # A selection that would update none of the present adapters cannot be drawn.
@@ -66,11 +74,14 @@ class HybridMaskTraining:
         return SELECTIONS[int(torch.multinomial(self.probabilities, 1, generator=self.generator))]
 
     def adapters_to_update(self, selection: str) -> list[str]:
-        return active_adapters(selection, self.adapters)
+        update = active_adapters(selection, self.adapters)
+        if selection == "relation" and self.frozen_subjects:
+            return [a for a in update if a not in ("subject1", "subject2")]
+        return update
 
     def adapters_to_run(self, selection: str) -> list[str]:
         """The adapters in this step's forward pass (per `hmt.forward`)."""
-        return self.adapters_to_update(selection) if self.forward == "selected" else list(self.adapters)
+        return active_adapters(selection, self.adapters) if self.forward == "selected" else list(self.adapters)
 
     def apply(self, adapter_params: dict[str, list[torch.nn.Parameter]], selection: str) -> list[str]:
         """Mark exactly the selected adapters trainable; returns their names."""
