@@ -11,7 +11,8 @@ variants, and fill one table beside the paper's numbers:
 
 Variants: full, w_o_hmt, w_o_rcl, w_o_relation, w_o_subject, w_o_ffn, relation_v, relation_q, relation_kv, direct,
 hmt_forward_all, export_all, w_o_subject_hmt, w_o_subject_selection, w_o_subject_mask, frozen_subjects,
-frozen_subjects_w_o_mask (or all: the first 12; table1, table2, table3, hmt, export, decompose). Finished variants are skipped on a re-run.
+frozen_subjects_w_o_mask (or all: the first 12; table1, table2, table3, hmt, export, decompose). Finished variants
+are skipped on a re-run.
 On the synth world `<out>/results.json` holds every variant's world metrics with 95 % bootstrap intervals, and
 `<out>/per_relation.md` / `.json` the videos judged right per relation.
 Details: docs/evaluation.md.

@@ -73,6 +73,7 @@ class Variant:
 
 
 _FULL_PAPER = ("0.4452±0.01", "0.3248", "0.9954", "2079.87")
+_NOT_IN_PAPER = ("—", "—", "—", "—")
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("full", ("2", "3"), "full (relation LoRA on Q, K)", "Q, K", "V", None, (), _FULL_PAPER),
     Variant("w_o_hmt", ("2",), "w/o hybrid mask training (HMT)", "Q, K", "V", "w_o_hmt.yaml", (),
@@ -96,23 +97,22 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("direct", ("1",), "Direct LoRA fine-tuning (Q, K, V, FFN)", "Q, K, V (whole)", "—",
             "direct_lora.yaml", (), ("0.3258±0.05", "0.2966", "0.9945", "2229.08")),
     Variant("hmt_forward_all", ("hmt",), "every adapter in every step's forward pass (hmt.forward: all)", "Q, K",
-            "V", None, ("hmt.forward=all",), ("—", "—", "—", "—")),
+            "V", None, ("hmt.forward=all",), _NOT_IN_PAPER),
     Variant("export_all", ("export",), "full, every adapter kept at inference (relation, subjects, FFN)", "Q, K",
-            "V", None, ("lora.export_adapters=[relation,subject1,subject2,ffn]",), ("—", "—", "—", "—")),
+            "V", None, ("lora.export_adapters=[relation,subject1,subject2,ffn]",), _NOT_IN_PAPER),
     # Where the triplet loses a relation that its exported adapters (relation + FFN) can carry on their own: w/o
     # subject LoRAs, then HMT's two parts (the LoRA selection, the mask weight) put back one at a time.
     Variant("w_o_subject_hmt", ("decompose",), "w/o Subject LoRAs and w/o HMT (every step, mask weight 0)", "Q, K",
-            "—", "w_o_hmt.yaml", ("lora.placement=no_subject",), ("—", "—", "—", "—")),
+            "—", "w_o_hmt.yaml", ("lora.placement=no_subject",), _NOT_IN_PAPER),
     Variant("w_o_subject_selection", ("decompose",), "w/o Subject LoRAs, HMT's mask weight without its LoRA selection",
-            "Q, K", "—", None, ("lora.placement=no_subject", "hmt.enabled=false"), ("—", "—", "—", "—")),
+            "Q, K", "—", None, ("lora.placement=no_subject", "hmt.enabled=false"), _NOT_IN_PAPER),
     Variant("w_o_subject_mask", ("decompose",), "w/o Subject LoRAs, HMT's LoRA selection without its mask weight",
-            "Q, K", "—", None, ("lora.placement=no_subject", "loss.mask_weight=0.0"), ("—", "—", "—", "—")),
+            "Q, K", "—", None, ("lora.placement=no_subject", "loss.mask_weight=0.0"), _NOT_IN_PAPER),
     # The triplet whole, its subject LoRAs running in relation steps but not updated there (neither reading's).
     Variant("frozen_subjects", ("decompose",), "full, subject LoRAs frozen in relation steps", "Q, K", "V", None,
-            ("hmt.relation_step_subjects=frozen",), ("—", "—", "—", "—")),
+            ("hmt.relation_step_subjects=frozen",), _NOT_IN_PAPER),
     Variant("frozen_subjects_w_o_mask", ("decompose",), "full, subject LoRAs frozen in relation steps, mask weight 0",
-            "Q, K", "V", None, ("hmt.relation_step_subjects=frozen", "loss.mask_weight=0.0"),
-            ("—", "—", "—", "—")),
+            "Q, K", "V", None, ("hmt.relation_step_subjects=frozen", "loss.mask_weight=0.0"), _NOT_IN_PAPER),
 )}
 GROUPS = {"all": [n for n, v in VARIANTS.items() if "decompose" not in v.tables], "table1": ["full", "direct"],
           "table2": [n for n, v in VARIANTS.items() if "2" in v.tables],
