@@ -8,6 +8,8 @@ variants, and fill one table beside the paper's numbers:
 
     python launch/ablate.py --set model.preset=synth --relations handshaking,hugging,pushing,high_five,kicking,\
         walking_towards,following,knocking_over --train-seeds 0,1,2 --out runs/ablations_synth     # the synth world
+    python launch/ablate.py --set model.preset=synth --relations walking_apart --variants table1 --steps 1200 \
+        --variant-steps direct=400 --out runs/steps                        # DreamRelation with 3x direct's steps
 
 Variants: full, w_o_hmt, w_o_rcl, w_o_relation, w_o_subject, w_o_ffn, relation_v, relation_q, relation_kv, direct,
 hmt_forward_all, export_all, w_o_subject_hmt, w_o_subject_selection, w_o_subject_mask, frozen_subjects,
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", dest="train_steps", type=int,
                    help="training steps of every variant (train.max_steps; default: the config's, and 1000 for "
                         "direct as its config file says)")
+    p.add_argument("--variant-steps", metavar="VARIANT=STEPS,...",
+                   help="training steps of some variants instead of --steps, e.g. direct=400 (the paper trains "
+                        "DreamRelation 2400 iterations and direct LoRA 1000)")
     p.add_argument("--out", required=True, help="one folder per variant is written under it")
     p.add_argument("--config", help="base training config YAML (variants override it)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.OPTION=VALUE",
@@ -56,6 +61,19 @@ def _seeds(text: str) -> list[int]:
         raise ValueError(f"--train-seeds must be a comma list of integers, got {text!r}") from None
 
 
+def _variant_steps(text: str) -> dict[str, int]:
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--variant-steps must be a comma list of VARIANT=STEPS, got {item!r}")
+    return out
+
+
 @one_line_errors
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
@@ -65,7 +83,8 @@ def main(argv=None) -> int:
     seeds = _seeds(a.train_seeds) if a.train_seeds else None
     result = run_ablations(a.out, [r.strip() for r in a.relations.split(",") if r.strip()], a.variants,
                            a.train_steps, a.config, a.set, batch_kwargs(a), eval_kwargs(a), not a.no_base,
-                           train_seeds=seeds)
+                           train_seeds=seeds,
+                           variant_steps=_variant_steps(a.variant_steps) if a.variant_steps else None)
     print(f"table: {result['markdown']} and {result['csv']}")
     if result["results"] is not None:
         print(f"synth world results: {result['results']} ({result['results'].with_suffix('.md').name}, "

@@ -103,6 +103,20 @@ def test_rerun_skips_finished_variants_and_refuses_other_settings(ablated):
                       evaluation=EVALUATION)
 
 
+def test_variant_steps_train_the_named_variant_with_its_own_steps(tmp_path):
+    """--variant-steps: the paper gives DreamRelation and direct LoRA different iteration counts."""
+    with pytest.raises(ValueError, match="'direct' is not among the selected variants"):
+        run_ablations(tmp_path, ["handshaking"], "w_o_rcl", steps=4, variant_steps={"direct": 2})
+    with pytest.raises(ValueError, match="w_o_rcl=0 must be a positive integer"):
+        run_ablations(tmp_path, ["handshaking"], "w_o_rcl", steps=4, variant_steps={"w_o_rcl": 0})
+    assert not any(tmp_path.iterdir())                                     # refused before anything ran
+    result = run_ablations(tmp_path, ["handshaking"], "w_o_rcl", steps=6, overrides=TRAIN, generation=GENERATION,
+                           evaluation=EVALUATION, include_base=False, variant_steps={"w_o_rcl": 3})
+    metrics = (tmp_path / "w_o_rcl" / "handshaking" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 3 and result["records"]["w_o_rcl"]["steps"] == 3
+    assert "training steps: 3)" in result["markdown"].read_text()
+
+
 def test_a_retrained_base_is_not_taken_for_the_one_the_variants_were_made_on(ablated, monkeypatch):
     """The base keeps its preset's name when retrained (synth is): a finished variant is not reused on it."""
     out, _ = ablated
@@ -122,9 +136,14 @@ def test_cli_parses_training_and_sampler_steps_apart():
                                              "--gen-steps", "3", "--variants", "table2"])
     assert args.train_steps == 6 and args.steps == 3 and args.variants == "table2"
     assert module.main(["--relations", "handshaking", "--out", "x", "--variants", "nope"]) == 2
+    assert module._variant_steps("direct=400, full=1200") == {"direct": 400, "full": 1200}
+    for bad in ("direct", "direct=many"):
+        with pytest.raises(ValueError, match=f"VARIANT=STEPS, got '{bad}'"):
+            module._variant_steps(bad)
+        assert module.main(["--relations", "handshaking", "--out", "x", "--variant-steps", bad]) == 2
 
 
-def _judged_run(folder, kind, rows, seed=None, relations=("a", "b")):
+def _judged_run(folder, kind, rows, seed=None, relations=("a", "b"), steps=None):
     """A finished run's record as the runner keeps it: eval/metrics.json beside eval/videos.jsonl."""
     (folder / "eval").mkdir(parents=True)
     (folder / "eval" / "metrics.json").write_text("{}")
@@ -133,15 +152,18 @@ def _judged_run(folder, kind, rows, seed=None, relations=("a", "b")):
     lines.append(json.dumps({"kind": "base" if kind == "lora" else "lora", "relation": "a", "relation_accuracy": 1.0,
                              "subject_fidelity": 1.0}))                     # the other kind: never counted
     (folder / "eval" / "videos.jsonl").write_text("\n".join(lines) + "\n")
-    return {"metrics": str(folder / "eval" / "metrics.json"), "seed": seed, "settings": {"relations": list(relations)}}
+    return {"metrics": str(folder / "eval" / "metrics.json"), "seed": seed, "steps": steps,
+            "settings": {"relations": list(relations)}}
 
 
 def test_world_results_and_per_relation_counts_come_from_the_same_videos(tmp_path):
     from dr_train.eval.ablations import write_results
 
     runs = {"full": [_judged_run(tmp_path / "full" / f"seed-{s}", "lora",
-                                 [("a", 1.0), ("a", 0.0), ("b", 0.0), ("b", None)], seed=s) for s in (0, 1)],
-            "direct": [_judged_run(tmp_path / "direct", "lora", [("a", 1.0), ("b", 1.0), ("b", 1.0)], seed=0)]}
+                                 [("a", 1.0), ("a", 0.0), ("b", 0.0), ("b", None)], seed=s, steps=1200)
+                     for s in (0, 1)],
+            "direct": [_judged_run(tmp_path / "direct", "lora", [("a", 1.0), ("b", 1.0), ("b", 1.0)], seed=0,
+                                   steps=400)]}
     base = _judged_run(tmp_path / "base", "base", [("a", 0.0), ("b", 1.0)])
     assert write_results(tmp_path, runs, base) == tmp_path / "results.json"
     results = json.loads((tmp_path / "results.json").read_text())
@@ -155,4 +177,7 @@ def test_world_results_and_per_relation_counts_come_from_the_same_videos(tmp_pat
                       "direct": {"a": [1, 1], "b": [2, 2]}}
     md = (tmp_path / "per_relation.md").read_text()
     assert "| variant | a | b |" in md and "| full | 2/4 | 0/2 |" in md and "| base | 0/1 | 1/1 |" in md
-    assert (tmp_path / "results.md").is_file() and (tmp_path / "results.png").is_file()
+    md = (tmp_path / "results.md").read_text()
+    assert "| variant | what | steps |" in md and "| direct | Direct LoRA fine-tuning (Q, K, V, FFN) | 400 |" in md
+    assert "| full | full (relation LoRA on Q, K) | 1200 |" in md and "| base | " in md
+    assert (tmp_path / "results.png").is_file()

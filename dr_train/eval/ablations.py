@@ -242,19 +242,22 @@ def _write_record(path: Path, record: dict) -> None:
 def run_ablations(out_dir: str | Path, relations: Sequence[str], variants: str | Sequence[str] = "all",
                   steps: int | None = None, config: str | Path | None = None, overrides: Sequence[str] = (),
                   generation: dict | None = None, evaluation: dict | None = None, include_base: bool = True,
-                  train_seeds: Sequence[int] | None = None) -> dict:
+                  train_seeds: Sequence[int] | None = None, variant_steps: dict[str, int] | None = None) -> dict:
     """Run the chosen variants one after another and write `<out>/ablations.csv` and `<out>/ablations.md` (and, for
     runs on the synth world, `<out>/results.json`, `results.md`, `results.png`).
 
     generation: keyword arguments of `generate_batch` (prompts, num_prompts, seeds, steps, frames, ...);
     evaluation: keyword arguments of `evaluate_run` (clip_path, vlm, fvd_reference, ...); the FVD reference
     statistics are cached once in `<out>/fvd_cache`. include_base: also generate and evaluate the base model once
-    (`<out>/base/`) for a reference row. train_seeds: train every variant once per seed (`train.seed`). Returns
+    (`<out>/base/`) for a reference row. train_seeds: train every variant once per seed (`train.seed`).
+    variant_steps: {variant: training steps} for variants that take other steps than `steps` (the paper trains
+    DreamRelation 2400 iterations and direct LoRA 1000). Returns
     {"records": {variant: record of its first seed}, "runs": {variant: [record per seed]}, "base": record or None,
     "csv": path, "markdown": path, "results": path or None}.
     """
     out = Path(out_dir)
     names = select_variants(variants)
+    steps_of = _steps_per_variant(names, steps, variant_steps or {})
     relations = list(dict.fromkeys(relations))
     if not relations:
         raise ValueError("no relations given for the ablations")
@@ -273,7 +276,7 @@ def run_ablations(out_dir: str | Path, relations: Sequence[str], variants: str |
         for seed in seeds:
             log.info("ablation %d/%d: %s (%s)%s", position + 1, len(names), name, VARIANTS[name].label,
                      "" if seed is None else f", training seed {seed}")
-            runs.setdefault(name, []).append(run_variant(name, out, relations, steps, config, overrides, generation,
+            runs.setdefault(name, []).append(run_variant(name, out, relations, steps_of[name], config, overrides, generation,
                                                          evaluation, seed))
     records = {name: rs[0] for name, rs in runs.items()}
     base = run_base(out, variant_folder(out, names[0], seeds[0]), relations, generation, evaluation) \
@@ -281,6 +284,16 @@ def run_ablations(out_dir: str | Path, relations: Sequence[str], variants: str |
     csv_path, md_path = write_table(out, records, base)
     results = write_results(out, runs, base)
     return {"records": records, "runs": runs, "base": base, "csv": csv_path, "markdown": md_path, "results": results}
+
+
+def _steps_per_variant(names: Sequence[str], steps: int | None, variant_steps: dict[str, int]) -> dict:
+    """{variant: its training steps (None: the config's)}; `variant_steps` names only selected variants."""
+    for name, n in variant_steps.items():
+        if name not in names:
+            raise ValueError(f"variant steps: {name!r} is not among the selected variants ({', '.join(names)})")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"variant steps: {name}={n!r} must be a positive integer")
+    return {name: variant_steps.get(name, steps) for name in names}
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -413,7 +426,8 @@ def write_results(out: Path, runs: dict[str, list[dict]], base: dict | None) -> 
     seeds = sorted({str(r.get("seed")) for rs in runs.values() for r in rs})
     relations = sorted({rel for rs in runs.values() for r in rs for rel in r["settings"]["relations"]})
     paper = {name: v.paper[0] for name, v in VARIANTS.items()} | {"base": PAPER_BASE[1]}
-    head = ["variant", "what"] + [label for _, label in WORLD_COLUMNS] + ["**paper RelAcc (VLM)**"]
+    head = ["variant", "what", "steps"] + [label for _, label in WORLD_COLUMNS] + ["**paper RelAcc (VLM)**"]
+    steps = {name: "/".join(sorted({str(r.get("steps")) for r in rs})) for name, rs in runs.items()}
     lines = ["# Ablations on the synth world", "",
              f"{len(relations)} relations ({', '.join(relations)}) x training seeds {', '.join(seeds)}; per variant "
              "the mean over every LoRA video (evaluation prompts x sampling seeds) and its 95 % bootstrap interval "
@@ -423,8 +437,8 @@ def write_results(out: Path, runs: dict[str, list[dict]], base: dict | None) -> 
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, metrics in results.items():
         label = KIND_LABEL["base"] if name == "base" else VARIANTS[name].label
-        lines.append("| " + " | ".join([name, label] + [format_interval(metrics.get(k)) for k, _ in WORLD_COLUMNS]
-                                       + [paper.get(name, "—")]) + " |")
+        cells = [name, label, steps.get(name, "—")] + [format_interval(metrics.get(k)) for k, _ in WORLD_COLUMNS]
+        lines.append("| " + " | ".join(cells + [paper.get(name, "—")]) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_results(results, out / "results.png")
     return path
