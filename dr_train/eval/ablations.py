@@ -3,8 +3,9 @@ into `<out>/<variant>/`, its videos generated and evaluated (`generate_batch`, `
 and one table collects the overall relation-LoRA row of every variant beside the paper's numbers.
 
 A variant is only config: a file of `configs/ablations/` and/or `lora.placement` presets (their semantics live in
-`dr_train/method/triplet.py` and docs/method.md). Variants without a relation or an FFN adapter export the inference adapters
-they have (`lora.export_adapters`: ffn alone, relation alone), since the paper's inference uses relation + FFN.
+`dr_train/method/triplet.py` and docs/method.md). Variants without a relation or an FFN adapter export the inference
+adapters they have (`lora.export_adapters`: ffn alone, relation alone), since the paper's inference uses relation +
+FFN.
 The `decompose` group adds the triplet without subject LoRAs and then HMT's LoRA selection and mask weight one at a
 time, to find where a relation the exported adapters can carry on their own is lost, and the triplet with its subject
 LoRAs frozen in relation steps (`hmt.relation_step_subjects`). A finished variant (`<out>/<variant>/ABLATION.json`)
@@ -276,8 +277,8 @@ def run_ablations(out_dir: str | Path, relations: Sequence[str], variants: str |
         for seed in seeds:
             log.info("ablation %d/%d: %s (%s)%s", position + 1, len(names), name, VARIANTS[name].label,
                      "" if seed is None else f", training seed {seed}")
-            runs.setdefault(name, []).append(run_variant(name, out, relations, steps_of[name], config, overrides, generation,
-                                                         evaluation, seed))
+            runs.setdefault(name, []).append(run_variant(name, out, relations, steps_of[name], config, overrides,
+                                                         generation, evaluation, seed))
     records = {name: rs[0] for name, rs in runs.items()}
     base = run_base(out, variant_folder(out, names[0], seeds[0]), relations, generation, evaluation) \
         if include_base else None
