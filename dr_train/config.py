@@ -88,6 +88,11 @@ class HMTConfig:
     relation_step_subjects: str = opt("train", "what a relation step does with the subject LoRAs: train (the paper "
                                                "and the official code: updated beside relation + ffn) or frozen "
                                                "(they run, for appearance cues, but only relation + ffn are updated)")
+    subject_target: str = opt("video", "what a subject step learns from: video (the paper and the official code: the "
+                                       "clip, with that subject's mask), still (one latent frame of the clip and its "
+                                       "mask, repeated over the clip's frames) or frame (that frame as a one-frame "
+                                       "clip); still and frame hold the subject's look and none of its motion, and "
+                                       "skip RCL")
 
 
 @dataclass
@@ -97,6 +102,9 @@ class LossConfig:
                              "8x8 mean-pooled; official: mean((1 + w*M^2) * err^2), relation mask = sum of subject "
                              "masks, latent masks 8x8 max-pooled (the official code's resize)")
     mask_weight: float = opt(50.0, "lambda_m, the weight of the mask term", ge=0)
+    mask_span: str = opt("frame", "where the mask term weights each latent frame: frame (the paper and the official "
+                                  "code: where the subjects are in that frame) or clip (where they are in any frame "
+                                  "of the clip, the region their motion sweeps)")
     rcl_weight: float = opt(0.01, "lambda_1, the weight of the relational contrastive loss (0 disables it)", ge=0)
     temperature: float = opt(0.07, "InfoNCE temperature tau", gt=0)
     rcl_variant: str = opt("paper", "paper: per clip n_pos positives from other videos (bank + batch), per anchor "
@@ -390,6 +398,8 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a type cannot express."""
     choices = {"loss.mode": ("paper", "official"), "loss.rcl_variant": ("paper", "official"),
                "hmt.forward": ("selected", "all"), "hmt.relation_step_subjects": ("train", "frozen"),
+               "hmt.subject_target": ("video", "still", "frame"),
+               "loss.mask_span": ("frame", "clip"),
                "optim.frozen_adapters": ("skip", "zero_grad")}
     for name, allowed in choices.items():
         section, option = name.split(".")

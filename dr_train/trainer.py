@@ -28,8 +28,8 @@ from dr_train.experiment import WandbRun
 from dr_train.export import export_lora, training_card, validation_keyframes
 from dr_train.io import atomic_write_text, truncate_metrics
 from dr_train.method.contrastive_loss import global_relational_contrastive_loss
-from dr_train.method.flow_matching_loss import noisy_latents
-from dr_train.method.hybrid_mask_training import HybridMaskTraining, make_optimizer
+from dr_train.method.flow_matching_loss import noisy_latents, swept_mask
+from dr_train.method.hybrid_mask_training import HybridMaskTraining, make_optimizer, subject_frame_target
 from dr_train.method.memory_bank import MemoryBank, OfficialMemoryBank
 from dr_train.method.triplet import (adapter_names, adapter_parameters, adapter_state_dict, add_relation_lora_triplet,
                                      load_adapter_state_dict, lora_named_parameters, resolve_placement,
@@ -96,7 +96,8 @@ class RelationRun:
         self.engine = None                  # built on first use, after a resume has loaded the adapters
         self.hmt = HybridMaskTraining(self.adapters, cfg.hmt.probabilities, cfg.hmt.enabled,
                                       seed=stream_seed(seed, relation.name, "hmt"), forward=cfg.hmt.forward,
-                                      relation_step_subjects=cfg.hmt.relation_step_subjects)
+                                      relation_step_subjects=cfg.hmt.relation_step_subjects,
+                                      subject_target=cfg.hmt.subject_target)
         lo, bank_seed = cfg.loss, stream_seed(seed, relation.name, "bank")
         self.bank = (OfficialMemoryBank(lo.bank_size, lo.negative_bank_frames, lo.n_pos, lo.n_neg, seed=bank_seed)
                      if lo.rcl_variant == "official" else MemoryBank(lo.bank_size, lo.n_pos, lo.n_neg, seed=bank_seed))
@@ -153,9 +154,17 @@ class RelationRun:
             noise = self._local(torch.randn, mean.shape[1:]).to(dev)
             sigma = self._local(torch.rand).to(dev)
             text, text_mask = self._text(batch)
-            z_sigma, target, timestep = noisy_latents(z0, noise, sigma)
             mask1, mask2 = batch.subject_masks(pooled=cfg.loss.mode == "official")   # the official code's resize
             mask = self.hmt.loss_mask(selection, mask1.to(dev), mask2.to(dev), cfg.loss.mode)
+            one_frame = self.hmt.frame_step(selection)
+            if one_frame:
+                frames = z0.shape[2]
+                frame = (self._local(torch.rand) * frames).long().clamp_max(frames - 1)
+                z0, mask = subject_frame_target(z0, mask, frame, repeat=cfg.hmt.subject_target == "still")
+                noise = noise[:, :, :z0.shape[2]]
+            if cfg.loss.mask_span == "clip":
+                mask = swept_mask(mask)
+            z_sigma, target, timestep = noisy_latents(z0, noise, sigma)
         dtype = self.transformer.dtype
         with phase("forward"), autocast_context(dev, cfg.train.mixed_precision):
             pred = engine.forward(hidden_states=z_sigma.to(dtype), encoder_hidden_states=text.to(dtype),
@@ -163,7 +172,7 @@ class RelationRun:
         with phase("loss"):
             loss_rec = kernels.masked_flow_matching_loss(pred, target, mask, cfg.loss.mask_weight, cfg.loss.mode)
             loss_rcl, skipped, pushed = None, None, None
-            if cfg.loss.rcl_weight > 0:
+            if cfg.loss.rcl_weight > 0 and not one_frame:
                 frame_means, dynamics = kernels.relation_features(pred)
                 loss_rcl, skipped, pushed = global_relational_contrastive_loss(
                     self.dist, self.bank, cfg.loss, batch.video_ids, frame_means, dynamics)

@@ -64,13 +64,11 @@ def _seeds(text: str) -> list[int]:
 def _variant_steps(text: str) -> dict[str, int]:
     out = {}
     for item in (x.strip() for x in text.split(",") if x.strip()):
-        name, sep, value = item.partition("=")
         try:
+            name, value = item.split("=")
             out[name.strip()] = int(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"--variant-steps must be a comma list of VARIANT=STEPS, got {item!r}")
+            raise ValueError(f"--variant-steps must be a comma list of VARIANT=STEPS, got {item!r}") from None
     return out
 
 

@@ -32,7 +32,8 @@ def test_every_variant_is_a_valid_config_with_the_papers_semantics(tmp_path):
     assert variant_config("hmt_forward_all", ["a"], tmp_path).hmt.forward == "all"
     assert select_variants("export") == ["full", "export_all"]
     added = ["w_o_subject_hmt", "w_o_subject_selection", "w_o_subject_mask", "frozen_subjects",
-             "frozen_subjects_w_o_mask"]
+             "frozen_subjects_w_o_mask", "still_subjects", "still_subjects_w_o_mask", "frame_subjects",
+             "swept", "w_o_subject_swept", "still_subjects_swept", "frame_subjects_swept"]
     assert select_variants("decompose") == ["full", "w_o_hmt", "w_o_subject", "direct", *added]
     assert not set(added) & set(GROUPS["all"])
     parts = {n: variant_config(n, ["a"], tmp_path) for n in added}
@@ -41,8 +42,23 @@ def test_every_variant_is_a_valid_config_with_the_papers_semantics(tmp_path):
                                           "w_o_subject_selection": ("no_subject", False, True, True),
                                           "w_o_subject_mask": ("no_subject", True, False, True),
                                           "frozen_subjects": ("paper", True, True, True),
-                                          "frozen_subjects_w_o_mask": ("paper", True, False, True)}
+                                          "frozen_subjects_w_o_mask": ("paper", True, False, True),
+                                          "still_subjects": ("paper", True, True, True),
+                                          "still_subjects_w_o_mask": ("paper", True, False, True),
+                                          "frame_subjects": ("paper", True, True, True),
+                                          "swept": ("paper", True, True, True),
+                                          "w_o_subject_swept": ("no_subject", True, True, True),
+                                          "still_subjects_swept": ("paper", True, True, True),
+                                          "frame_subjects_swept": ("paper", True, True, True)}
     assert {parts[n].hmt.relation_step_subjects for n in added} == {"train", "frozen"}
+    assert [n for n in added if parts[n].hmt.subject_target == "still"] == ["still_subjects",
+                                                                            "still_subjects_w_o_mask",
+                                                                            "still_subjects_swept"]
+    assert [n for n in added if parts[n].hmt.subject_target == "frame"] == ["frame_subjects",
+                                                                            "frame_subjects_swept"]
+    assert [n for n in added if parts[n].loss.mask_span == "clip"] == ["swept", "w_o_subject_swept",
+                                                                       "still_subjects_swept", "frame_subjects_swept"]
+    assert all(parts[n].hmt.relation_step_subjects == "frozen" for n in added if n.startswith(("still", "frame")))
     kept = variant_config("export_all", ["a"], tmp_path)
     assert kept.lora.export_adapters == ["relation", "subject1", "subject2", "ffn"] and kept.hmt.enabled
     with pytest.raises(ValueError, match="unknown ablation variant 'w_o_x'"):
@@ -137,7 +153,7 @@ def test_cli_parses_training_and_sampler_steps_apart():
     assert args.train_steps == 6 and args.steps == 3 and args.variants == "table2"
     assert module.main(["--relations", "handshaking", "--out", "x", "--variants", "nope"]) == 2
     assert module._variant_steps("direct=400, full=1200") == {"direct": 400, "full": 1200}
-    for bad in ("direct", "direct=many"):
+    for bad in ("direct", "direct=many", "direct=4=5"):
         with pytest.raises(ValueError, match=f"VARIANT=STEPS, got '{bad}'"):
             module._variant_steps(bad)
         assert module.main(["--relations", "handshaking", "--out", "x", "--variant-steps", bad]) == 2

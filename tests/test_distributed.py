@@ -121,6 +121,22 @@ def test_official_method_on_two_ranks_matches_one_rank(work, stage):
     _assert_same_run(work / "one_official" / "handshaking", work / f"official{stage}" / "handshaking")
 
 
+ONE_FRAME = ["--set", "hmt.subject_target=frame", "--set", "hmt.relation_step_subjects=frozen", "--set",
+             "loss.mask_span=clip", "--set", "hmt.probabilities=[0.25,0.5,0.25]"]
+
+
+def test_one_frame_subject_steps_and_the_swept_mask_on_two_ranks_match_one_rank(work):
+    """hmt.subject_target=frame draws each sample's frame from the global batch's stream: two ZeRO-2 ranks train
+    the same one-frame subject steps (no RCL) and swept-mask relation steps as one rank."""
+    _train(work, "one_frame", "--relations", "handshaking", *STEPS, "--set", "train.batch_size=2", *ONE_FRAME)
+    _train(work, "frame2", "--relations", "handshaking", *STEPS, "--set", "distributed.zero_stage=2", *ONE_FRAME,
+           ranks=2)
+    rows = _rows(work / "one_frame" / "handshaking")
+    subject = [r for r in rows if r["selection"] != "relation"]
+    assert subject and all(r["loss_rcl"] is None for r in subject)
+    _assert_same_run(work / "one_frame" / "handshaking", work / "frame2" / "handshaking")
+
+
 def test_validation_on_two_zero3_ranks_shares_the_prompts_and_leaves_training_untouched(work):
     """3 prompts on 2 ZeRO-3 ranks (rank 1 repeats one to stay in step): every prompt once, made by both ranks,
     and the run equals the 1-rank run without validation."""

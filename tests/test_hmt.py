@@ -215,3 +215,72 @@ def test_zero_grad_mode_moves_and_decays_frozen_adapters_as_adamw_with_zero_grad
         assert not torch.equal(p.detach(), w0)
     finally:
         run.close()
+
+
+def test_subject_frame_target_takes_each_samples_frame_and_its_mask_repeated_or_alone():
+    from dr_train.method.hybrid_mask_training import subject_frame_target
+
+    z0 = torch.randn(2, 3, 5, 4, 6)
+    mask = torch.rand(2, 5, 4, 6)
+    frame = torch.tensor([1, 4])
+    z_still, m_still = subject_frame_target(z0, mask, frame, repeat=True)
+    _, m_still5 = subject_frame_target(z0, mask[:, None], frame, repeat=True)        # the (B, 1, F, H, W) layout
+    z_one, m_one = subject_frame_target(z0, mask, frame, repeat=False)
+    for b, f in enumerate(frame.tolist()):
+        assert all(torch.equal(z_still[b, :, t], z0[b, :, f]) for t in range(5))
+        assert all(torch.equal(m_still[b, t], mask[b, f]) for t in range(5))
+        assert torch.equal(z_one[b, :, 0], z0[b, :, f]) and torch.equal(m_one[b, 0], mask[b, f])
+    assert m_still5.shape == (2, 1, 5, 4, 6) and torch.equal(m_still5[:, 0], m_still)
+    assert z_one.shape == (2, 3, 1, 4, 6) and m_one.shape == (2, 1, 4, 6)
+
+
+def _spy_loss(monkeypatch):
+    """Each training loss's (target, mask) and each forward's (hidden_states, timestep), in call order."""
+    import kernels
+
+    seen = []
+    real = kernels.masked_flow_matching_loss
+
+    def spy(pred, target, mask, *args):
+        seen.append({"target": target.detach().clone(), "mask": mask.detach().clone()})
+        return real(pred, target, mask, *args)
+
+    monkeypatch.setattr(kernels, "masked_flow_matching_loss", spy)
+    return seen
+
+
+STILL = {"hmt.subject_target": "still", "hmt.relation_step_subjects": "frozen"}
+FRAME = {"hmt.subject_target": "frame", "hmt.relation_step_subjects": "frozen"}
+
+
+@pytest.mark.parametrize("selection,options,still,mask_static", [
+    ("subject2", STILL, True, True), ("relation", STILL, False, False), ("subject1", FRAME, True, True),
+    ("relation", FRAME, False, False),
+    ("relation", {"loss.mask_span": "clip"}, False, True), ("subject1", {"loss.mask_span": "clip"}, False, True)])
+def test_subject_frame_targets_and_the_clip_mask_span(tmp_path, monkeypatch, selection, options, still, mask_static):
+    """hmt.subject_target=still: the clean latents a subject step learns (hidden_states + sigma * target, sigma =
+    1 - t / 1000) and its mask are the same in every frame, RCL is skipped; frame: the same as a one-frame clip;
+    a relation step keeps the clip and RCL. loss.mask_span=clip: every frame's mask is the max over the clip's
+    frames, the latents stay the clip's."""
+    run = _run(tmp_path, **options)
+    seen = _spy_loss(monkeypatch)
+    import dr_train.trainer as trainer
+    rcl_calls = []
+    real_rcl = trainer.global_relational_contrastive_loss
+    monkeypatch.setattr(trainer, "global_relational_contrastive_loss",
+                        lambda *a: rcl_calls.append(1) or real_rcl(*a))
+    try:
+        _, kwargs, _ = _captured_step(run, selection)
+    finally:
+        run.close()
+    assert len(seen) == 1 and run.cfg.loss.rcl_weight > 0 and len(rcl_calls) == (0 if still else 1)
+    sigma = 1.0 - kwargs["timestep"].float() / 1000.0
+    z0 = kwargs["hidden_states"].float() + sigma.view(-1, 1, 1, 1, 1) * seen[0]["target"].float()
+    mask = seen[0]["mask"].reshape(z0.shape[0], -1, *z0.shape[-3:])
+    frames = z0.shape[2]
+    z_static = all(torch.allclose(z0[:, :, t], z0[:, :, 0], atol=1e-5) for t in range(frames))
+    m_static = all(torch.equal(mask[:, :, t], mask[:, :, 0]) for t in range(frames))
+    assert (z_static, m_static, run.hmt.frame_step(selection)) == (still, mask_static, still)
+    assert mask.amax() > 0 and (frames == 1) == (still and options is FRAME)
+    with pytest.raises(ValueError, match="hmt.subject_target must be one of video, still, frame, got 'image'"):
+        HybridMaskTraining(["relation"], subject_target="image")

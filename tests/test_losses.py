@@ -44,6 +44,20 @@ def test_masked_loss_rejects_bad_shapes_and_modes():
         masked_flow_matching_loss(pred, pred, torch.zeros(1, 3, 4, 4), mode="nope")
 
 
+def test_swept_mask_weights_every_frame_where_the_subjects_go_in_any_frame():
+    from dr_train.method.flow_matching_loss import swept_mask
+
+    mask = torch.zeros(2, 3, 2, 4)
+    mask[0, 0, 0, 0], mask[0, 2, 1, 3], mask[1, 1, 0, 1] = 1.0, 0.5, 0.25      # a subject moving across the frames
+    swept = swept_mask(mask)
+    for t in range(3):
+        assert torch.equal(swept[:, t], mask.amax(dim=1))
+    assert swept[0, 1, 0, 0] == 1.0 and swept[0, 0, 1, 3] == 0.5 and swept[1, 2].sum() == 0.25
+    assert torch.equal(swept_mask(mask[:, None])[:, 0], swept)                    # the (B, 1, F, H, W) layout
+    pred, target = torch.randn(2, 4, 3, 2, 4), torch.zeros(2, 4, 3, 2, 4)
+    assert masked_flow_matching_loss(pred, target, swept) > masked_flow_matching_loss(pred, target, mask)
+
+
 def test_noisy_latents_follow_mochi_convention():
     z0, eps = torch.randn(2, 12, 2, 4, 4), torch.randn(2, 12, 2, 4, 4)
     sigma = torch.tensor([0.0, 1.0])

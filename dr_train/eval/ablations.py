@@ -8,7 +8,8 @@ adapters they have (`lora.export_adapters`: ffn alone, relation alone), since th
 FFN.
 The `decompose` group adds the triplet without subject LoRAs and then HMT's LoRA selection and mask weight one at a
 time, to find where a relation the exported adapters can carry on their own is lost, and the triplet with its subject
-LoRAs frozen in relation steps (`hmt.relation_step_subjects`). A finished variant (`<out>/<variant>/ABLATION.json`)
+LoRAs frozen in relation steps (`hmt.relation_step_subjects`), also trained on still or one-frame clips in their own
+steps (`hmt.subject_target`), and the mask weight on the region the subjects sweep (`loss.mask_span`). A finished variant (`<out>/<variant>/ABLATION.json`)
 is skipped on a re-run with the same settings (the base model's identity among them). The base model
 (no LoRA) is generated and evaluated once into `<out>/base/` for a reference row.
 
@@ -114,6 +115,28 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ("hmt.relation_step_subjects=frozen",), _NOT_IN_PAPER),
     Variant("frozen_subjects_w_o_mask", ("decompose",), "full, subject LoRAs frozen in relation steps, mask weight 0",
             "Q, K", "V", None, ("hmt.relation_step_subjects=frozen", "loss.mask_weight=0.0"), _NOT_IN_PAPER),
+    # The same, the subject LoRAs trained on still clips in their own steps, so that they hold no motion.
+    Variant("still_subjects", ("decompose",), "full, subject LoRAs frozen in relation steps, still in their own",
+            "Q, K", "V", None, ("hmt.relation_step_subjects=frozen", "hmt.subject_target=still"), _NOT_IN_PAPER),
+    Variant("still_subjects_w_o_mask", ("decompose",),
+            "full, subject LoRAs frozen in relation steps, still in their own, mask weight 0", "Q, K", "V", None,
+            ("hmt.relation_step_subjects=frozen", "hmt.subject_target=still", "loss.mask_weight=0.0"), _NOT_IN_PAPER),
+    # The same, the subject LoRAs trained on one frame of the clip as a one-frame clip (image steps).
+    Variant("frame_subjects", ("decompose",), "full, subject LoRAs frozen in relation steps, one frame in their own",
+            "Q, K", "V", None, ("hmt.relation_step_subjects=frozen", "hmt.subject_target=frame"), _NOT_IN_PAPER),
+    # lambda_m on where the subjects go in the clip (every frame's mask the clip's max) rather than where they are.
+    Variant("swept", ("decompose",), "full, the mask weight on the region the subjects sweep", "Q, K", "V", None,
+            ("loss.mask_span=clip",), _NOT_IN_PAPER),
+    Variant("w_o_subject_swept", ("decompose",), "w/o Subject LoRAs, HMT with the mask weight on the swept region",
+            "Q, K", "—", None, ("lora.placement=no_subject", "loss.mask_span=clip"), _NOT_IN_PAPER),
+    Variant("still_subjects_swept", ("decompose",),
+            "full, subject LoRAs frozen in relation steps, still in their own, mask weight on the swept region",
+            "Q, K", "V", None, ("hmt.relation_step_subjects=frozen", "hmt.subject_target=still",
+                                "loss.mask_span=clip"), _NOT_IN_PAPER),
+    Variant("frame_subjects_swept", ("decompose",),
+            "full, subject LoRAs frozen in relation steps, one frame in their own, mask weight on the swept region",
+            "Q, K", "V", None, ("hmt.relation_step_subjects=frozen", "hmt.subject_target=frame",
+                                "loss.mask_span=clip"), _NOT_IN_PAPER),
 )}
 GROUPS = {"all": [n for n, v in VARIANTS.items() if "decompose" not in v.tables], "table1": ["full", "direct"],
           "table2": [n for n, v in VARIANTS.items() if "2" in v.tables],

@@ -31,6 +31,13 @@ def mask_BCFHW(mask: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def swept_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, F, H, W) or (B, 1, F, H, W) mask as the region its subjects cover in any frame, in every frame: the
+    elementwise max over F. Weighting the loss with it weights where the subjects go, so a subject drawn at another
+    frame's place on its path costs as much as one missing from its own place."""
+    return mask.amax(dim=-3, keepdim=True).expand_as(mask).contiguous()
+
+
 def masked_flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                               mask_weight: float = 50.0, mode: str = "paper") -> torch.Tensor:
     """Scalar loss, accumulated in fp32.

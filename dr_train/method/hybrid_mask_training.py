@@ -8,7 +8,11 @@ adapters the step updates, so a subject LoRA learns its subject's appearance on 
 of the relation LoRA; `all` runs every adapter and only freezes the unselected ones. With
 `hmt.relation_step_subjects: frozen` (neither the paper's nor the official reading) a relation step still runs the
 subject LoRAs, for their appearance cues, but updates only relation + ffn, so whatever the step learns lands in the
-adapters the inference export keeps. Frozen adapters get
+adapters the inference export keeps. With `hmt.subject_target: still` or `frame` (neither reading's either) a
+subject step learns from one latent frame of the clip and its mask (`subject_frame_target`), repeated over the clip's
+frames (a still clip) or on its own (a one-frame clip, as image steps): a subject's mask moves with it, so on the clip
+a subject step's loss holds the subject's motion, and the subject LoRAs, which the export drops, would take the
+relation with them. Frozen adapters get
 requires_grad=False before the forward, so their gradients stay None; with `optim.frozen_adapters: skip` AdamW
 leaves them untouched (no step, no moment update, no weight decay), with `zero_grad` they are stepped with zero
 gradients (`HMTAdamW` below).
@@ -33,6 +37,7 @@ UPDATES = {
 ALL = "all"
 FORWARD_MODES = ("selected", "all")
 RELATION_STEP_SUBJECTS = ("train", "frozen")
+SUBJECT_TARGETS = ("video", "still", "frame")
 
 
 def active_adapters(selection: str, adapters: list[str]) -> list[str]:
@@ -46,15 +51,34 @@ def active_adapters(selection: str, adapters: list[str]) -> list[str]:
     return [a for a in adapters if a in UPDATES[selection]]
 
 
+def subject_frame_target(z0_BCFHW: torch.Tensor, mask_BFHW: torch.Tensor, frame_B: torch.Tensor, repeat: bool):
+    """Latents and mask ((B, F, H, W) or (B, 1, F, H, W)) of each sample's latent frame `frame_B[b]`: repeated over
+    the clip's F frames (a still clip) when `repeat`, else as a one-frame clip."""
+    assert mask_BFHW.shape[0] == z0_BCFHW.shape[0] and mask_BFHW.shape[-3] == z0_BCFHW.shape[2], \
+        (tuple(mask_BFHW.shape), tuple(z0_BCFHW.shape))
+
+    def pick(x: torch.Tensor, dim: int) -> torch.Tensor:
+        index = frame_B.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        one = torch.take_along_dim(x, index, dim=dim)
+        return one.expand_as(x).contiguous() if repeat else one
+
+    return pick(z0_BCFHW, 2), pick(mask_BFHW, mask_BFHW.dim() - 3)
+
+
 class HybridMaskTraining:
     def __init__(self, adapters: list[str], probabilities=(1 / 3, 1 / 3, 1 / 3), enabled: bool = True,
-                 seed: int = 0, forward: str = "selected", relation_step_subjects: str = "train"):
+                 seed: int = 0, forward: str = "selected", relation_step_subjects: str = "train",
+                 subject_target: str = "video"):
         if forward not in FORWARD_MODES:
             raise ValueError(f"hmt.forward must be one of {', '.join(FORWARD_MODES)}, got {forward!r}")
         if relation_step_subjects not in RELATION_STEP_SUBJECTS:
             raise ValueError(f"hmt.relation_step_subjects must be one of {', '.join(RELATION_STEP_SUBJECTS)}, got "
                              f"{relation_step_subjects!r}")
+        if subject_target not in SUBJECT_TARGETS:
+            raise ValueError(f"hmt.subject_target must be one of {', '.join(SUBJECT_TARGETS)}, got "
+                             f"{subject_target!r}")
         self.adapters = list(adapters)
+        self.subject_target = subject_target
         self.frozen_subjects = relation_step_subjects == "frozen"
         self.enabled, self.forward = enabled, forward
         probs = torch.tensor([float(p) for p in probabilities], dtype=torch.float64)
@@ -72,6 +96,10 @@ class HybridMaskTraining:
         if not self.enabled:
             return ALL
         return SELECTIONS[int(torch.multinomial(self.probabilities, 1, generator=self.generator))]
+
+    def frame_step(self, selection: str) -> bool:
+        """Whether a step drawn as `selection` learns from one frame of the clip (`subject_frame_target`)."""
+        return self.subject_target != "video" and selection in ("subject1", "subject2")
 
     def adapters_to_update(self, selection: str) -> list[str]:
         update = active_adapters(selection, self.adapters)
