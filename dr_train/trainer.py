@@ -160,7 +160,7 @@ class RelationRun:
             if one_frame:
                 frames = z0.shape[2]
                 frame = (self._local(torch.rand) * frames).long().clamp_max(frames - 1)
-                z0, mask = subject_frame_target(z0, mask, frame, repeat=cfg.hmt.subject_target == "still")
+                z0, mask = subject_frame_target(z0, mask, frame, repeat=self.hmt.subject_target == "still")
                 noise = noise[:, :, :z0.shape[2]]
             if cfg.loss.mask_span == "clip":
                 mask = swept_mask(mask)

@@ -235,7 +235,7 @@ def test_subject_frame_target_takes_each_samples_frame_and_its_mask_repeated_or_
 
 
 def _spy_loss(monkeypatch):
-    """Each training loss's (target, mask) and each forward's (hidden_states, timestep), in call order."""
+    """Each training loss's (target, mask), in call order."""
     import kernels
 
     seen = []

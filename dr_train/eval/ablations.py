@@ -9,9 +9,9 @@ FFN.
 The `decompose` group adds the triplet without subject LoRAs and then HMT's LoRA selection and mask weight one at a
 time, to find where a relation the exported adapters can carry on their own is lost, and the triplet with its subject
 LoRAs frozen in relation steps (`hmt.relation_step_subjects`), also trained on still or one-frame clips in their own
-steps (`hmt.subject_target`), and the mask weight on the region the subjects sweep (`loss.mask_span`). A finished variant (`<out>/<variant>/ABLATION.json`)
-is skipped on a re-run with the same settings (the base model's identity among them). The base model
-(no LoRA) is generated and evaluated once into `<out>/base/` for a reference row.
+steps (`hmt.subject_target`), and the mask weight on the region the subjects sweep (`loss.mask_span`). A finished
+variant (`<out>/<variant>/ABLATION.json`) is skipped on a re-run with the same settings (the base model's identity
+among them). The base model (no LoRA) is generated and evaluated once into `<out>/base/` for a reference row.
 
 With several training seeds (`train_seeds`) each variant is trained once per seed into `<out>/<variant>/seed-<s>/`.
 Where the runs were trained on the synth world, `<out>/results.json` holds {variant: {metric: {mean, ci_low,
