@@ -93,6 +93,10 @@ class HMTConfig:
                                        "mask, repeated over the clip's frames) or frame (that frame as a one-frame "
                                        "clip); still and frame hold the subject's look and none of its motion, and "
                                        "skip RCL")
+    subject_sigma_max: float = opt(1.0, "the noise levels the subject LoRAs act at: 1 (the paper and the official "
+                                        "code: every sigma) or s < 1, subject steps draw sigma in [0, s] and a "
+                                        "relation step draws its band, [0, s] with probability s and the subject "
+                                        "LoRAs, else [s, 1] without them (neither run nor updated)", gt=0, le=1)
 
 
 @dataclass

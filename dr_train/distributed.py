@@ -98,8 +98,8 @@ class Dist:
         tdist.all_reduce(t)
         return float(t.item()) / self.world_size
 
-    def check_same(self, value: str, what: str) -> None:
-        """Raise when ranks disagree on `value` (a cheap object all-gather)."""
+    def check_same(self, value, what: str) -> None:
+        """Raise when ranks disagree on `value`, a hashable object (a cheap object all-gather)."""
         values = self.all_gather_objects(value)
         if len(set(values)) > 1:
             raise RuntimeError(f"ranks disagree on {what}: {values}")

@@ -97,7 +97,8 @@ class RelationRun:
         self.hmt = HybridMaskTraining(self.adapters, cfg.hmt.probabilities, cfg.hmt.enabled,
                                       seed=stream_seed(seed, relation.name, "hmt"), forward=cfg.hmt.forward,
                                       relation_step_subjects=cfg.hmt.relation_step_subjects,
-                                      subject_target=cfg.hmt.subject_target)
+                                      subject_target=cfg.hmt.subject_target,
+                                      subject_sigma_max=cfg.hmt.subject_sigma_max)
         lo, bank_seed = cfg.loss, stream_seed(seed, relation.name, "bank")
         self.bank = (OfficialMemoryBank(lo.bank_size, lo.negative_bank_frames, lo.n_pos, lo.n_neg, seed=bank_seed)
                      if lo.rcl_variant == "official" else MemoryBank(lo.bank_size, lo.n_pos, lo.n_neg, seed=bank_seed))
@@ -145,14 +146,15 @@ class RelationRun:
         mask = torch.where(drop[:, None], self.null_mask[None], mask)
         return embeds.to(self.device), mask.to(self.device)
 
-    def micro_step(self, batch: Batch, selection: str) -> dict:
+    def micro_step(self, batch: Batch, selection: str, band: tuple[float, float] = (0.0, 1.0)) -> dict:
         cfg, dev, phase, engine = self.cfg, self.device, self.timer.phase, self._engine()
         with phase("data"):
             mean = batch.latents_mean
             std = torch.exp(0.5 * batch.latents_logvar)
             z0 = (mean + std * self._local(torch.randn, mean.shape[1:])).to(dev)
             noise = self._local(torch.randn, mean.shape[1:]).to(dev)
-            sigma = self._local(torch.rand).to(dev)
+            low, high = band
+            sigma = (low + (high - low) * self._local(torch.rand)).to(dev)
             text, text_mask = self._text(batch)
             mask1, mask2 = batch.subject_masks(pooled=cfg.loss.mode == "official")   # the official code's resize
             mask = self.hmt.loss_mask(selection, mask1.to(dev), mask2.to(dev), cfg.loss.mode)
@@ -199,14 +201,15 @@ class RelationRun:
         t0 = time.perf_counter()
         engine = self._engine()
         selection = self.hmt.draw()
+        band = self.hmt.noise_band(selection)
         if self.dist.world_size > 1:
-            self.dist.check_same(selection, f"the HMT selection of step {self.step + 1}")
-        set_active_adapters(self.transformer, self.hmt.adapters_to_run(selection))
-        updated = self.hmt.apply(self.params_by_adapter, selection)
+            self.dist.check_same((selection, band), f"the HMT selection and noise band of step {self.step + 1}")
+        set_active_adapters(self.transformer, self.hmt.adapters_to_run(selection, band))
+        updated = self.hmt.apply(self.params_by_adapter, selection, band)
         self.optimizer.set_active(self.adapters if self.cfg.optim.frozen_adapters == "zero_grad" else updated)
         parts = []
         for _ in range(self.cfg.train.grad_accum):
-            parts.append(self.micro_step(self.next_batch(), selection))
+            parts.append(self.micro_step(self.next_batch(), selection, band))
             with self.timer.phase("optimizer"):
                 stepped = engine.step()
         assert stepped, "the last micro-batch of a step must end the gradient accumulation"

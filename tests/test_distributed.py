@@ -122,18 +122,19 @@ def test_official_method_on_two_ranks_matches_one_rank(work, stage):
 
 
 ONE_FRAME = ["--set", "hmt.subject_target=frame", "--set", "hmt.relation_step_subjects=frozen", "--set",
-             "loss.mask_span=clip", "--set", "hmt.probabilities=[0.25,0.5,0.25]"]
+             "loss.mask_span=clip", "--set", "hmt.probabilities=[0.25,0.5,0.25]", "--set", "hmt.subject_sigma_max=0.5"]
 
 
 def test_one_frame_subject_steps_and_the_swept_mask_on_two_ranks_match_one_rank(work):
     """hmt.subject_target=frame draws each sample's frame from the global batch's stream: two ZeRO-2 ranks train
-    the same one-frame subject steps (no RCL) and swept-mask relation steps as one rank."""
+    the same one-frame subject steps (no RCL) and swept-mask relation steps as one rank, and with
+    hmt.subject_sigma_max they draw the same noise bands (subject steps at sigma <= 0.5)."""
     _train(work, "one_frame", "--relations", "handshaking", *STEPS, "--set", "train.batch_size=2", *ONE_FRAME)
     _train(work, "frame2", "--relations", "handshaking", *STEPS, "--set", "distributed.zero_stage=2", *ONE_FRAME,
            ranks=2)
     rows = _rows(work / "one_frame" / "handshaking")
     subject = [r for r in rows if r["selection"] != "relation"]
-    assert subject and all(r["loss_rcl"] is None for r in subject)
+    assert subject and all(r["loss_rcl"] is None and r["sigma"] <= 0.5 for r in subject)
     _assert_same_run(work / "one_frame" / "handshaking", work / "frame2" / "handshaking")
 
 

@@ -284,3 +284,51 @@ def test_subject_frame_targets_and_the_clip_mask_span(tmp_path, monkeypatch, sel
     assert mask.amax() > 0 and (frames == 1) == (still and options is FRAME)
     with pytest.raises(ValueError, match="hmt.subject_target must be one of video, still, frame, got 'image'"):
         HybridMaskTraining(["relation"], subject_target="image")
+
+
+def test_subject_sigma_max_bands_the_steps_that_run_subject_loras():
+    four = ["relation", "subject1", "subject2", "ffn"]
+    every = HybridMaskTraining(four, seed=3)
+    state = every.generator.get_state()
+    assert {every.noise_band(s) for s in ("relation", "subject1", "all")} == {(0.0, 1.0)}
+    assert torch.equal(every.generator.get_state(), state)           # off: the selection stream is untouched
+    hmt = HybridMaskTraining(four, seed=3, subject_sigma_max=0.25)
+    assert hmt.noise_band("subject2") == hmt.noise_band("subject1") == (0.0, 0.25)
+    bands = [hmt.noise_band("relation") for _ in range(4000)]
+    assert set(bands) == {(0.0, 0.25), (0.25, 1.0)}
+    assert abs(bands.count((0.0, 0.25)) / len(bands) - 0.25) < 0.03    # each sigma as likely as without bands
+    high, low = (0.25, 1.0), (0.0, 0.25)
+    assert hmt.adapters_to_run("relation", high) == ["relation", "ffn"] == hmt.adapters_to_update("relation", high)
+    assert hmt.adapters_to_run("relation", low) == four == hmt.adapters_to_update("relation", low)
+    assert HybridMaskTraining(four, forward="all", subject_sigma_max=0.5).adapters_to_run("all", (0.5, 1.0)) == [
+        "relation", "ffn"]
+    assert HybridMaskTraining(["relation", "ffn"], subject_sigma_max=0.25).noise_band("relation") == (0.0, 1.0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=f"hmt.subject_sigma_max must be in \\(0, 1\\], got {bad}"):
+            HybridMaskTraining(four, subject_sigma_max=bad)
+
+
+def test_subject_loras_act_only_in_the_steps_of_their_noise_band(tmp_path):
+    """hmt.subject_sigma_max=0.5: a subject step's sigmas are <= 0.5; a relation step's are <= 0.5 exactly when it
+    runs and updates the subject LoRAs, and in the other steps the subject LoRAs neither change the output nor move."""
+    run = _run(tmp_path, **{"data.caption_dropout": 0.0, "hmt.subject_sigma_max": 0.5,
+                            "hmt.probabilities": [0.5, 0.25, 0.25]})
+    try:
+        records = [run.train_step() for _ in range(12)]
+        _nonzero_adapters(run)
+        run.hmt.noise_band = lambda selection: (0.5, 1.0)
+        before = _snapshot(run)
+        weights, kwargs, out = _captured_step(run, "relation")
+        after = _snapshot(run)
+    finally:
+        run.close()
+    relation = [r for r in records if r["selection"] == "relation"]
+    assert all(r["sigma"] <= 0.5 for r in records if r["selection"] != "relation")
+    assert all((r["sigma"] <= 0.5) == ("subject1" in r["adapters_updated"]) for r in relation)
+    assert {"subject1" in r["adapters_updated"] for r in relation} == {True, False}
+    assert all(t <= 500.0 for t in kwargs["timestep"].tolist())           # t = (1 - sigma) * 1000, sigma >= 0.5
+    with torch.no_grad():
+        expected = _with_only(weights, ["relation", "ffn"])(**kwargs)[0]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    assert _same(before["subject1"], after["subject1"]) and _same(before["subject2"], after["subject2"])
+    assert not _same(before["relation"], after["relation"])

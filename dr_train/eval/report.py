@@ -218,7 +218,7 @@ def world_verdict(rows: list[dict]) -> str | None:
     if lora["mean"] > base["mean"]:
         return f"Above the base model, not yet shown: {counts}; the 95 % intervals overlap."
     return (f"Relation not carried over to the prompted subjects: {counts}. docs/synth.md records where the method "
-            f"stands on the synth base.")
+            f"stands on the synth base; the README gives the recipe that carries relations on it.")
 
 
 # ------------------------------------------------------------------------------------------ pictures

@@ -12,7 +12,11 @@ adapters the inference export keeps. With `hmt.subject_target: still` or `frame`
 subject step learns from one latent frame of the clip and its mask (`subject_frame_target`), repeated over the clip's
 frames (a still clip) or on its own (a one-frame clip, as image steps): a subject's mask moves with it, so on the clip
 a subject step's loss holds the subject's motion, and the subject LoRAs, which the export drops, would take the
-relation with them. Frozen adapters get
+relation with them. With `hmt.subject_sigma_max: s < 1` (neither reading's) the subject LoRAs act only at noise
+levels sigma <= s, where the latents already hold the motion: subject steps draw sigma in [0, s], and a relation
+step draws its noise band (`noise_band`), [0, s] with probability s (every sigma stays as likely as before) and the
+subject LoRAs, else [s, 1] without them, so the motion, decided at high noise, is learned by relation + ffn alone.
+Frozen adapters get
 requires_grad=False before the forward, so their gradients stay None; with `optim.frozen_adapters: skip` AdamW
 leaves them untouched (no step, no moment update, no weight decay), with `zero_grad` they are stepped with zero
 gradients (`HMTAdamW` below).
@@ -68,7 +72,7 @@ def subject_frame_target(z0_BCFHW: torch.Tensor, mask_BFHW: torch.Tensor, frame_
 class HybridMaskTraining:
     def __init__(self, adapters: list[str], probabilities=(1 / 3, 1 / 3, 1 / 3), enabled: bool = True,
                  seed: int = 0, forward: str = "selected", relation_step_subjects: str = "train",
-                 subject_target: str = "video"):
+                 subject_target: str = "video", subject_sigma_max: float = 1.0):
         if forward not in FORWARD_MODES:
             raise ValueError(f"hmt.forward must be one of {', '.join(FORWARD_MODES)}, got {forward!r}")
         if relation_step_subjects not in RELATION_STEP_SUBJECTS:
@@ -77,7 +81,10 @@ class HybridMaskTraining:
         if subject_target not in SUBJECT_TARGETS:
             raise ValueError(f"hmt.subject_target must be one of {', '.join(SUBJECT_TARGETS)}, got "
                              f"{subject_target!r}")
+        if not 0.0 < subject_sigma_max <= 1.0:
+            raise ValueError(f"hmt.subject_sigma_max must be in (0, 1], got {subject_sigma_max!r}")
         self.adapters = list(adapters)
+        self.subject_sigma_max = float(subject_sigma_max)
         self.subject_target = subject_target
         self.frozen_subjects = relation_step_subjects == "frozen"
         self.enabled, self.forward = enabled, forward
@@ -101,19 +108,37 @@ class HybridMaskTraining:
         """Whether a step drawn as `selection` learns from one frame of the clip (`subject_frame_target`)."""
         return self.subject_target != "video" and selection in ("subject1", "subject2")
 
-    def adapters_to_update(self, selection: str) -> list[str]:
-        update = active_adapters(selection, self.adapters)
+    def noise_band(self, selection: str) -> tuple[float, float]:
+        """The range [low, high] a step drawn as `selection` draws its sigmas from (`hmt.subject_sigma_max`): [0, 1]
+        when the subject LoRAs act at every noise level or are absent, [0, s] in subject steps; a relation (or
+        'all') step draws [0, s] with probability s, else [s, 1], from the selection's generator."""
+        s = self.subject_sigma_max
+        if s >= 1.0 or not {"subject1", "subject2"} & set(self.adapters):
+            return (0.0, 1.0)
+        if selection in ("subject1", "subject2"):
+            return (0.0, s)
+        return (0.0, s) if float(torch.rand((), dtype=torch.float64, generator=self.generator)) < s else (s, 1.0)
+
+    @staticmethod
+    def _without_subjects(adapters: list[str], band: tuple[float, float]) -> list[str]:
+        """`adapters` less the subject LoRAs in a band above the noise levels they act at."""
+        return [a for a in adapters if a not in ("subject1", "subject2")] if band[0] > 0 else adapters
+
+    def adapters_to_update(self, selection: str, band: tuple[float, float] = (0.0, 1.0)) -> list[str]:
+        update = self._without_subjects(active_adapters(selection, self.adapters), band)
         if selection == "relation" and self.frozen_subjects:
             return [a for a in update if a not in ("subject1", "subject2")]
         return update
 
-    def adapters_to_run(self, selection: str) -> list[str]:
-        """The adapters in this step's forward pass (per `hmt.forward`)."""
-        return active_adapters(selection, self.adapters) if self.forward == "selected" else list(self.adapters)
+    def adapters_to_run(self, selection: str, band: tuple[float, float] = (0.0, 1.0)) -> list[str]:
+        """The adapters in this step's forward pass (per `hmt.forward`, and the step's noise band)."""
+        run = active_adapters(selection, self.adapters) if self.forward == "selected" else list(self.adapters)
+        return self._without_subjects(run, band)
 
-    def apply(self, adapter_params: dict[str, list[torch.nn.Parameter]], selection: str) -> list[str]:
+    def apply(self, adapter_params: dict[str, list[torch.nn.Parameter]], selection: str,
+              band: tuple[float, float] = (0.0, 1.0)) -> list[str]:
         """Mark exactly the selected adapters trainable; returns their names."""
-        update = self.adapters_to_update(selection)
+        update = self.adapters_to_update(selection, band)
         for name, params in adapter_params.items():
             for p in params:
                 p.requires_grad_(name in update)
