@@ -4,7 +4,8 @@ other kinds, judged by the world's relation judge. The recipe is the one that ca
 docs/ablations_synth_7x7/README.md), on walking towards, the relation every recipe carries best, at the ablations'
 1200 steps and lr 1e-3. A change that breaks relation learning on the trainer's path (the objective, the latents'
 frame order, the mask weighting, where the LoRAs sit, the export) drops the count: with the clips' latent frames
-reversed in training, the same run gives 0 of 8 (docs/synth.md)."""
+reversed in training, the same run gives 0 of 8, with the target's sign flipped 1, exporting the FFN LoRA without the
+relation LoRA 3 (docs/synth.md)."""
 import re
 
 from conftest import SYNTHETIC_CACHE
@@ -34,7 +35,8 @@ def judged_right(out: dict) -> dict[str, int]:
 def test_walking_towards_learned_from_persons_is_carried_over_to_other_kinds(tmp_path):
     out = learn_and_judge(tmp_path / "runs")
     right = judged_right(out)
-    assert right["lora"] >= 5 and right["base"] <= 1, right       # seed 0 here: 8 of 8 and 0 of 8
+    assert right["lora"] >= 4 and right["base"] <= 1, right       # seed 0 here: 8 of 8 and 0 of 8
     html = (tmp_path / "runs" / "report.html").read_text()
-    assert re.search(r"Relation learned and carried over to the prompted subjects: videos judged the trained "
-                     r"relation: relation LoRAs \d of 8, base model \d of 8", html)
+    counts = f"videos judged the trained relation: relation LoRAs {right['lora']} of 8, base model {right['base']} of 8"
+    assert re.search(rf"(Relation learned and carried over to the prompted subjects|Above the base model, not yet "
+                     rf"shown): {counts}", html)

@@ -15,11 +15,12 @@ a subject step's loss holds the subject's motion, and the subject LoRAs, which t
 relation with them. With `hmt.subject_sigma_max: s < 1` (neither reading's) the subject LoRAs act only at noise
 levels sigma <= s, where the latents already hold the motion: subject steps draw sigma in [0, s], and a relation
 step draws its noise band (`noise_band`), [0, s] with probability s (every sigma stays as likely as before) and the
-subject LoRAs, else [s, 1] without them, so the motion, decided at high noise, is learned by relation + ffn alone.
-Frozen adapters get
-requires_grad=False before the forward, so their gradients stay None; with `optim.frozen_adapters: skip` AdamW
-leaves them untouched (no step, no moment update, no weight decay), with `zero_grad` they are stepped with zero
-gradients (`HMTAdamW` below).
+subject LoRAs, else [s, 1] without them, so the motion, decided at high noise, is learned by relation + ffn alone
+(on the synth base the kinds are decided there too, and fidelity falls: docs/ablations_synth_7x7/README.md).
+
+Frozen adapters get requires_grad=False before the forward, so their gradients stay None; with
+`optim.frozen_adapters: skip` AdamW leaves them untouched (no step, no moment update, no weight decay), with
+`zero_grad` they are stepped with zero gradients (`HMTAdamW` below).
 
 The optimizer-group rule: one AdamW parameter group per adapter, and `HMTAdamW` skips the groups whose adapters
 this step does not update (their weights, moments and step counts stay untouched, as in the single-process
