@@ -400,11 +400,11 @@ def check_ranges(cfg) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type cannot express."""
-    choices = {"loss.mode": ("paper", "official"), "loss.rcl_variant": ("paper", "official"),
-               "hmt.forward": ("selected", "all"), "hmt.relation_step_subjects": ("train", "frozen"),
-               "hmt.subject_target": ("video", "still", "frame"),
-               "loss.mask_span": ("frame", "clip"),
-               "optim.frozen_adapters": ("skip", "zero_grad")}
+    from dr_train.method import flow_matching_loss as fm, hybrid_mask_training as hmt
+
+    choices = {"loss.mode": fm.MODES, "loss.rcl_variant": ("paper", "official"), "loss.mask_span": fm.MASK_SPANS,
+               "hmt.forward": hmt.FORWARD_MODES, "hmt.relation_step_subjects": hmt.RELATION_STEP_SUBJECTS,
+               "hmt.subject_target": hmt.SUBJECT_TARGETS, "optim.frozen_adapters": hmt.FROZEN_ADAPTERS}
     for name, allowed in choices.items():
         section, option = name.split(".")
         if getattr(getattr(cfg, section), option) not in allowed:

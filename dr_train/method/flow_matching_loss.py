@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 MODES = ("paper", "official")
+MASK_SPANS = ("frame", "clip")      # loss.mask_span: each frame's own mask, or the clip's (`swept_mask`)
 
 
 def noisy_latents(z0: torch.Tensor, noise: torch.Tensor, sigma_B: torch.Tensor):
