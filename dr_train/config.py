@@ -87,7 +87,8 @@ class HMTConfig:
                                    "or all (every adapter runs, the unselected ones frozen)")
     relation_step_subjects: str = opt("train", "what a relation step does with the subject LoRAs: train (the paper "
                                                "and the official code: updated beside relation + ffn) or frozen "
-                                               "(they run, for appearance cues, but only relation + ffn are updated)")
+                                               "(they run, for appearance cues, but only relation + ffn are updated) "
+                                               "or off (they neither run nor are updated: relation + ffn alone)")
     subject_target: str = opt("video", "what a subject step learns from: video (the paper and the official code: the "
                                        "clip, with that subject's mask), still (one latent frame of the clip and its "
                                        "mask, repeated over the clip's frames) or frame (that frame as a one-frame "
@@ -446,7 +447,8 @@ def validate(cfg: Config) -> None:
         raise ValueError("model.blocks_to_swap needs model.gradient_checkpointing: true (without it a block's saved "
                          "tensors hold its weights until backward)")
     d = cfg.distributed
-    if cfg.model.blocks_to_swap and (d.engine == "deepspeed" or d.zero_stage or d.offload_optimizer or d.offload_params):
+    if cfg.model.blocks_to_swap and (d.engine == "deepspeed" or d.zero_stage or d.offload_optimizer
+                                     or d.offload_params):
         raise ValueError("model.blocks_to_swap needs the plain torch engine (no ZeRO, no offload): DeepSpeed places "
                          "the whole backbone on the GPU")
     pr = cfg.prepare

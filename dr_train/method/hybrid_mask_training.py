@@ -4,19 +4,20 @@ A step draws `relation`, `subject1` or `subject2`. A relation step updates relat
 weights the loss with the relation mask; a subject-k step updates subject k + ffn with subject k's mask.
 
 Which adapters run in the forward pass (`hmt.forward`): `selected` (default, the official trainer) runs exactly the
-adapters the step updates, so a subject LoRA learns its subject's appearance on its own, not as a correction on top
-of the relation LoRA; `all` runs every adapter and only freezes the unselected ones. With
-`hmt.relation_step_subjects: frozen` (neither the paper's nor the official reading) a relation step still runs the
-subject LoRAs, for their appearance cues, but updates only relation + ffn, so whatever the step learns lands in the
-adapters the inference export keeps. With `hmt.subject_target: still` or `frame` (neither reading's either) a
-subject step learns from one latent frame of the clip and its mask (`subject_frame_target`), repeated over the clip's
-frames (a still clip) or on its own (a one-frame clip, as image steps): a subject's mask moves with it, so on the clip
-a subject step's loss holds the subject's motion, and the subject LoRAs, which the export drops, would take the
-relation with them. With `hmt.subject_sigma_max: s < 1` (neither reading's) the subject LoRAs act only at noise
-levels sigma <= s, where the latents already hold the motion: subject steps draw sigma in [0, s], and a relation
-step draws its noise band (`noise_band`), [0, s] with probability s (every sigma stays as likely as before) and the
-subject LoRAs, else [s, 1] without them, so the motion, decided at high noise, is learned by relation + ffn alone
-(on the synth base the kinds are decided there too, and fidelity falls: docs/ablations_synth_7x7/README.md).
+adapters the step updates, so a subject LoRA learns its subject's appearance on its own, not as a correction on top of
+the relation LoRA; `all` runs every adapter and only freezes the unselected ones. With `hmt.relation_step_subjects:
+frozen` (neither the paper's nor the official reading) a relation step still runs the subject LoRAs, for their
+appearance cues, but updates only relation + ffn, so whatever the step learns lands in the adapters the inference export
+keeps; with `off` (neither reading either) a relation step runs relation + ffn alone, and the subject LoRAs learn only
+in their own steps. With `hmt.subject_target: still` or `frame` (neither reading's either) a subject step learns from
+one latent frame of the clip and its mask (`subject_frame_target`), repeated over the clip's frames (a still clip) or on
+its own (a one-frame clip, as image steps): a subject's mask moves with it, so on the clip a subject step's loss holds
+the subject's motion, and the subject LoRAs, which the export drops, would take the relation with them. With
+`hmt.subject_sigma_max: s < 1` (neither reading's) the subject LoRAs act only at noise levels sigma <= s, where the
+latents already hold the motion: subject steps draw sigma in [0, s], and a relation step draws its noise band
+(`noise_band`), [0, s] with probability s (every sigma stays as likely as before) and the subject LoRAs, else [s, 1]
+without them, so the motion, decided at high noise, is learned by relation + ffn alone (on the synth base the kinds are
+decided there too, and fidelity falls: docs/ablations_synth_7x7/README.md).
 
 Frozen adapters get requires_grad=False before the forward, so their gradients stay None; with
 `optim.frozen_adapters: skip` AdamW leaves them untouched (no step, no moment update, no weight decay), with
@@ -41,7 +42,7 @@ UPDATES = {
 }
 ALL = "all"
 FORWARD_MODES = ("selected", "all")
-RELATION_STEP_SUBJECTS = ("train", "frozen")
+RELATION_STEP_SUBJECTS = ("train", "frozen", "off")
 SUBJECT_TARGETS = ("video", "still", "frame")
 
 
@@ -87,7 +88,8 @@ class HybridMaskTraining:
         self.adapters = list(adapters)
         self.subject_sigma_max = float(subject_sigma_max)
         self.subject_target = subject_target
-        self.frozen_subjects = relation_step_subjects == "frozen"
+        self.frozen_subjects = relation_step_subjects in ("frozen", "off")
+        self.subjects_off = relation_step_subjects == "off"
         self.enabled, self.forward = enabled, forward
         probs = torch.tensor([float(p) for p in probabilities], dtype=torch.float64)
         # A selection that would update none of the present adapters cannot be drawn.
@@ -134,6 +136,8 @@ class HybridMaskTraining:
     def adapters_to_run(self, selection: str, band: tuple[float, float] = (0.0, 1.0)) -> list[str]:
         """The adapters in this step's forward pass (per `hmt.forward`, and the step's noise band)."""
         run = active_adapters(selection, self.adapters) if self.forward == "selected" else list(self.adapters)
+        if selection == "relation" and self.subjects_off:
+            run = [a for a in run if a not in ("subject1", "subject2")]
         return self._without_subjects(run, band)
 
     def apply(self, adapter_params: dict[str, list[torch.nn.Parameter]], selection: str,
