@@ -88,7 +88,7 @@ class HMTConfig:
     relation_step_subjects: str = opt("train", "what a relation step does with the subject LoRAs: train (the paper "
                                                "and the official code: updated beside relation + ffn) or frozen "
                                                "(they run, for appearance cues, but only relation + ffn are updated) "
-                                               "or off (they neither run nor are updated: relation + ffn alone)")
+                                               "or excluded (they neither run nor are updated: relation + ffn alone)")
     subject_target: str = opt("video", "what a subject step learns from: video (the paper and the official code: the "
                                        "clip, with that subject's mask), still (one latent frame of the clip and its "
                                        "mask, repeated over the clip's frames) or frame (that frame as a one-frame "

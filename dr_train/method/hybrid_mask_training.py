@@ -8,7 +8,7 @@ adapters the step updates, so a subject LoRA learns its subject's appearance on 
 the relation LoRA; `all` runs every adapter and only freezes the unselected ones. With `hmt.relation_step_subjects:
 frozen` (neither the paper's nor the official reading) a relation step still runs the subject LoRAs, for their
 appearance cues, but updates only relation + ffn, so whatever the step learns lands in the adapters the inference export
-keeps; with `off` (neither reading either) a relation step runs relation + ffn alone, and the subject LoRAs learn only
+keeps; with `excluded` (neither reading either) a relation step runs relation + ffn alone, and the subject LoRAs learn only
 in their own steps. With `hmt.subject_target: still` or `frame` (neither reading's either) a subject step learns from
 one latent frame of the clip and its mask (`subject_frame_target`), repeated over the clip's frames (a still clip) or on
 its own (a one-frame clip, as image steps): a subject's mask moves with it, so on the clip a subject step's loss holds
@@ -42,7 +42,7 @@ UPDATES = {
 }
 ALL = "all"
 FORWARD_MODES = ("selected", "all")
-RELATION_STEP_SUBJECTS = ("train", "frozen", "off")
+RELATION_STEP_SUBJECTS = ("train", "frozen", "excluded")
 SUBJECT_TARGETS = ("video", "still", "frame")
 
 
@@ -88,8 +88,8 @@ class HybridMaskTraining:
         self.adapters = list(adapters)
         self.subject_sigma_max = float(subject_sigma_max)
         self.subject_target = subject_target
-        self.frozen_subjects = relation_step_subjects in ("frozen", "off")
-        self.subjects_off = relation_step_subjects == "off"
+        self.frozen_subjects = relation_step_subjects in ("frozen", "excluded")
+        self.subjects_excluded = relation_step_subjects == "excluded"
         self.enabled, self.forward = enabled, forward
         probs = torch.tensor([float(p) for p in probabilities], dtype=torch.float64)
         # A selection that would update none of the present adapters cannot be drawn.
@@ -136,7 +136,7 @@ class HybridMaskTraining:
     def adapters_to_run(self, selection: str, band: tuple[float, float] = (0.0, 1.0)) -> list[str]:
         """The adapters in this step's forward pass (per `hmt.forward`, and the step's noise band)."""
         run = active_adapters(selection, self.adapters) if self.forward == "selected" else list(self.adapters)
-        if selection == "relation" and self.subjects_off:
+        if selection == "relation" and self.subjects_excluded:
             run = [a for a in run if a not in ("subject1", "subject2")]
         return self._without_subjects(run, band)
 
