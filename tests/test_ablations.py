@@ -33,7 +33,7 @@ def test_every_variant_is_a_valid_config_with_the_papers_semantics(tmp_path):
     assert select_variants("export") == ["full", "export_all"]
     added = ["w_o_subject_hmt", "w_o_subject_selection", "w_o_subject_mask", "frozen_subjects",
              "frozen_subjects_w_o_mask", "still_subjects", "still_subjects_w_o_mask", "frame_subjects",
-             "swept", "w_o_subject_swept", "still_subjects_swept", "frame_subjects_swept"]
+             "swept", "w_o_subject_swept", "still_subjects_swept", "frame_subjects_swept", "excluded_subjects_swept"]
     assert select_variants("decompose") == ["full", "w_o_hmt", "w_o_subject", "direct", *added]
     assert not set(added) & set(GROUPS["all"])
     parts = {n: variant_config(n, ["a"], tmp_path) for n in added}
@@ -49,15 +49,17 @@ def test_every_variant_is_a_valid_config_with_the_papers_semantics(tmp_path):
                                           "swept": ("paper", True, True, True),
                                           "w_o_subject_swept": ("no_subject", True, True, True),
                                           "still_subjects_swept": ("paper", True, True, True),
-                                          "frame_subjects_swept": ("paper", True, True, True)}
-    assert {parts[n].hmt.relation_step_subjects for n in added} == {"train", "frozen"}
+                                          "frame_subjects_swept": ("paper", True, True, True),
+                                          "excluded_subjects_swept": ("paper", True, True, True)}
+    assert {parts[n].hmt.relation_step_subjects for n in added} == {"train", "frozen", "excluded"}
     assert [n for n in added if parts[n].hmt.subject_target == "still"] == ["still_subjects",
                                                                             "still_subjects_w_o_mask",
                                                                             "still_subjects_swept"]
     assert [n for n in added if parts[n].hmt.subject_target == "frame"] == ["frame_subjects",
                                                                             "frame_subjects_swept"]
     assert [n for n in added if parts[n].loss.mask_span == "clip"] == ["swept", "w_o_subject_swept",
-                                                                       "still_subjects_swept", "frame_subjects_swept"]
+                                                                       "still_subjects_swept", "frame_subjects_swept",
+                                                                       "excluded_subjects_swept"]
     assert all(parts[n].hmt.relation_step_subjects == "frozen" for n in added if n.startswith(("still", "frame")))
     kept = variant_config("export_all", ["a"], tmp_path)
     assert kept.lora.export_adapters == ["relation", "subject1", "subject2", "ffn"] and kept.hmt.enabled

@@ -137,6 +137,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "full, subject LoRAs frozen in relation steps, one frame in their own, mask weight on the swept region",
             "Q, K", "V", None, ("hmt.relation_step_subjects=frozen", "hmt.subject_target=frame",
                                 "loss.mask_span=clip"), _NOT_IN_PAPER),
+    # The subject LoRAs out of relation steps (learning only in their own), the mask weight on the swept region.
+    Variant("excluded_subjects_swept", ("decompose",),
+            "full, subject LoRAs excluded from relation steps, mask weight on the swept region", "Q, K", "V", None,
+            ("hmt.relation_step_subjects=excluded", "loss.mask_span=clip"), _NOT_IN_PAPER),
 )}
 GROUPS = {"all": [n for n, v in VARIANTS.items() if "decompose" not in v.tables], "table1": ["full", "direct"],
           "table2": [n for n, v in VARIANTS.items() if "2" in v.tables],
