@@ -148,10 +148,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     cfg = small_config(tmp_path, **{"train.relations": "pushing"})
     original = RelationRun.micro_step
 
-    def poisoned(self, batch, selection):
+    def poisoned(self, batch, selection, band):
         if self.step == 5:
             batch = dataclasses.replace(batch, latents_mean=batch.latents_mean * float("nan"))
-        return original(self, batch, selection)
+        return original(self, batch, selection, band)
 
     RelationRun.micro_step = poisoned
     try:
