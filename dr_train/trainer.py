@@ -29,7 +29,7 @@ from dr_train.export import export_lora, training_card, validation_keyframes
 from dr_train.io import atomic_write_text, truncate_metrics
 from dr_train.method.contrastive_loss import global_relational_contrastive_loss
 from dr_train.method.flow_matching_loss import noisy_latents, swept_mask
-from dr_train.method.hybrid_mask_training import HybridMaskTraining, make_optimizer, subject_frame_target
+from dr_train.method.hybrid_mask_training import EVERY_SIGMA, HybridMaskTraining, make_optimizer, subject_frame_target
 from dr_train.method.memory_bank import MemoryBank, OfficialMemoryBank
 from dr_train.method.triplet import (adapter_names, adapter_parameters, adapter_state_dict, add_relation_lora_triplet,
                                      load_adapter_state_dict, lora_named_parameters, resolve_placement,
@@ -146,7 +146,7 @@ class RelationRun:
         mask = torch.where(drop[:, None], self.null_mask[None], mask)
         return embeds.to(self.device), mask.to(self.device)
 
-    def micro_step(self, batch: Batch, selection: str, band: tuple[float, float] = (0.0, 1.0)) -> dict:
+    def micro_step(self, batch: Batch, selection: str, band: tuple[float, float] = EVERY_SIGMA) -> dict:
         cfg, dev, phase, engine = self.cfg, self.device, self.timer.phase, self._engine()
         with phase("data"):
             mean = batch.latents_mean

@@ -74,10 +74,11 @@ def test_frozen_subjects_run_in_a_relation_step_but_only_relation_and_ffn_change
     assert not _same(before["relation"], after["relation"]) and not _same(before["ffn"], after["ffn"])
     hmt = HybridMaskTraining(["relation", "subject1", "subject2", "ffn"], relation_step_subjects="frozen")
     assert hmt.adapters_to_update("subject2") == ["subject2", "ffn"] == hmt.adapters_to_run("subject2")
-    off = HybridMaskTraining(["relation", "subject1", "subject2", "ffn"], relation_step_subjects="excluded")
-    assert off.adapters_to_run("relation") == ["relation", "ffn"] == off.adapters_to_update("relation")
-    assert off.adapters_to_run("subject1") == ["subject1", "ffn"] == off.adapters_to_update("subject1")
-    with pytest.raises(ValueError, match="hmt.relation_step_subjects must be one of train, frozen, excluded, got 'none'"):
+    excluded = HybridMaskTraining(["relation", "subject1", "subject2", "ffn"], relation_step_subjects="excluded")
+    assert excluded.adapters_to_run("relation") == ["relation", "ffn"] == excluded.adapters_to_update("relation")
+    assert excluded.adapters_to_run("subject1") == ["subject1", "ffn"] == excluded.adapters_to_update("subject1")
+    with pytest.raises(ValueError,
+                       match="hmt.relation_step_subjects must be one of train, frozen, excluded, got 'none'"):
         HybridMaskTraining(["relation"], relation_step_subjects="none")
 
 

@@ -8,11 +8,11 @@ adapters the step updates, so a subject LoRA learns its subject's appearance on 
 the relation LoRA; `all` runs every adapter and only freezes the unselected ones. With `hmt.relation_step_subjects:
 frozen` (neither the paper's nor the official reading) a relation step still runs the subject LoRAs, for their
 appearance cues, but updates only relation + ffn, so whatever the step learns lands in the adapters the inference export
-keeps; with `excluded` (neither reading either) a relation step runs relation + ffn alone, and the subject LoRAs learn only
-in their own steps. With `hmt.subject_target: still` or `frame` (neither reading's either) a subject step learns from
-one latent frame of the clip and its mask (`subject_frame_target`), repeated over the clip's frames (a still clip) or on
-its own (a one-frame clip, as image steps): a subject's mask moves with it, so on the clip a subject step's loss holds
-the subject's motion, and the subject LoRAs, which the export drops, would take the relation with them. With
+keeps; with `excluded` (neither reading either) a relation step runs relation + ffn alone, and the subject LoRAs learn
+only in their own steps. With `hmt.subject_target: still` or `frame` (neither reading's either) a subject step learns
+from one latent frame of the clip and its mask (`subject_frame_target`), repeated over the clip's frames (a still clip)
+or on its own (a one-frame clip, as image steps): a subject's mask moves with it, so on the clip a subject step's loss
+holds the subject's motion, and the subject LoRAs, which the export drops, would take the relation with them. With
 `hmt.subject_sigma_max: s < 1` (neither reading's) the subject LoRAs act only at noise levels sigma <= s, where the
 latents already hold the motion: subject steps draw sigma in [0, s], and a relation step draws its noise band
 (`noise_band`), [0, s] with probability s (every sigma stays as likely as before) and the subject LoRAs, else [s, 1]
@@ -44,6 +44,8 @@ ALL = "all"
 FORWARD_MODES = ("selected", "all")
 RELATION_STEP_SUBJECTS = ("train", "frozen", "excluded")
 SUBJECT_TARGETS = ("video", "still", "frame")
+SUBJECTS = ("subject1", "subject2")
+EVERY_SIGMA = (0.0, 1.0)            # the noise band of a step when the subject LoRAs act at every noise level
 
 
 def active_adapters(selection: str, adapters: list[str]) -> list[str]:
@@ -71,6 +73,11 @@ def subject_frame_target(z0_BCFHW: torch.Tensor, mask_BFHW: torch.Tensor, frame_
     return pick(z0_BCFHW, 2), pick(mask_BFHW, mask_BFHW.dim() - 3)
 
 
+def _with_subjects(adapters: list[str], keep: bool) -> list[str]:
+    """`adapters`, or `adapters` less the subject LoRAs."""
+    return list(adapters) if keep else [a for a in adapters if a not in SUBJECTS]
+
+
 class HybridMaskTraining:
     def __init__(self, adapters: list[str], probabilities=(1 / 3, 1 / 3, 1 / 3), enabled: bool = True,
                  seed: int = 0, forward: str = "selected", relation_step_subjects: str = "train",
@@ -88,8 +95,7 @@ class HybridMaskTraining:
         self.adapters = list(adapters)
         self.subject_sigma_max = float(subject_sigma_max)
         self.subject_target = subject_target
-        self.frozen_subjects = relation_step_subjects in ("frozen", "excluded")
-        self.subjects_excluded = relation_step_subjects == "excluded"
+        self.relation_step_subjects = relation_step_subjects
         self.enabled, self.forward = enabled, forward
         probs = torch.tensor([float(p) for p in probabilities], dtype=torch.float64)
         # A selection that would update none of the present adapters cannot be drawn.
@@ -109,39 +115,34 @@ class HybridMaskTraining:
 
     def frame_step(self, selection: str) -> bool:
         """Whether a step drawn as `selection` learns from one frame of the clip (`subject_frame_target`)."""
-        return self.subject_target != "video" and selection in ("subject1", "subject2")
+        return self.subject_target != "video" and selection in SUBJECTS
 
     def noise_band(self, selection: str) -> tuple[float, float]:
         """The range [low, high] a step drawn as `selection` draws its sigmas from (`hmt.subject_sigma_max`): [0, 1]
         when the subject LoRAs act at every noise level or are absent, [0, s] in subject steps; a relation (or
         'all') step draws [0, s] with probability s, else [s, 1], from the selection's generator."""
         s = self.subject_sigma_max
-        if s >= 1.0 or not {"subject1", "subject2"} & set(self.adapters):
-            return (0.0, 1.0)
-        if selection in ("subject1", "subject2"):
+        if s >= 1.0 or not set(SUBJECTS) & set(self.adapters):
+            return EVERY_SIGMA
+        if selection in SUBJECTS:
             return (0.0, s)
         return (0.0, s) if float(torch.rand((), dtype=torch.float64, generator=self.generator)) < s else (s, 1.0)
 
-    @staticmethod
-    def _without_subjects(adapters: list[str], band: tuple[float, float]) -> list[str]:
-        """`adapters` less the subject LoRAs in a band above the noise levels they act at."""
-        return [a for a in adapters if a not in ("subject1", "subject2")] if band[0] > 0 else adapters
+    def adapters_to_update(self, selection: str, band: tuple[float, float] = EVERY_SIGMA) -> list[str]:
+        """The adapters this step updates: the selection's, less the subject LoRAs in a band above the noise levels
+        they act at and, unless `hmt.relation_step_subjects: train`, in relation steps."""
+        keep_subjects = band[0] == 0 and (selection != "relation" or self.relation_step_subjects == "train")
+        return _with_subjects(active_adapters(selection, self.adapters), keep_subjects)
 
-    def adapters_to_update(self, selection: str, band: tuple[float, float] = (0.0, 1.0)) -> list[str]:
-        update = self._without_subjects(active_adapters(selection, self.adapters), band)
-        if selection == "relation" and self.frozen_subjects:
-            return [a for a in update if a not in ("subject1", "subject2")]
-        return update
-
-    def adapters_to_run(self, selection: str, band: tuple[float, float] = (0.0, 1.0)) -> list[str]:
-        """The adapters in this step's forward pass (per `hmt.forward`, and the step's noise band)."""
+    def adapters_to_run(self, selection: str, band: tuple[float, float] = EVERY_SIGMA) -> list[str]:
+        """The adapters in this step's forward pass (per `hmt.forward`), less the subject LoRAs in a band above the
+        noise levels they act at and, with `hmt.relation_step_subjects: excluded`, in relation steps."""
         run = active_adapters(selection, self.adapters) if self.forward == "selected" else list(self.adapters)
-        if selection == "relation" and self.subjects_excluded:
-            run = [a for a in run if a not in ("subject1", "subject2")]
-        return self._without_subjects(run, band)
+        keep_subjects = band[0] == 0 and (selection != "relation" or self.relation_step_subjects != "excluded")
+        return _with_subjects(run, keep_subjects)
 
     def apply(self, adapter_params: dict[str, list[torch.nn.Parameter]], selection: str,
-              band: tuple[float, float] = (0.0, 1.0)) -> list[str]:
+              band: tuple[float, float] = EVERY_SIGMA) -> list[str]:
         """Mark exactly the selected adapters trainable; returns their names."""
         update = self.adapters_to_update(selection, band)
         for name, params in adapter_params.items():
